@@ -1,0 +1,32 @@
+# seechat: `make demo` to see it work, `make test` to check it. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.seechat-installed
+export HF_HUB_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: its CPU build is on local disk; an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "seechat needs Python >= 3.11"'
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m seechat.tiny runs/tiny
+	printf '这是什么颜色？\nbreak\n' | $(VENV)/bin/seechat chat --model runs/tiny/model --image runs/tiny/sample.png --max-new-tokens 16
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,52 @@
+"""The `seechat` command: one table of subcommands, each a function that takes its own arguments.
+
+    seechat chat --model DIR --image PHOTO.jpg
+    seechat --help
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import SeeChatError
+
+# name -> (module:function, one-line summary)
+COMMANDS = {
+    "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"seechat {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"seechat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    except SeeChatError as exc:
+        print(f"seechat {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in COMMANDS.items())
+    return f"usage: seechat COMMAND [options]   (seechat COMMAND --help for its options)\n\ncommands:\n{rows}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

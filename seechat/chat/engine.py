@@ -1,0 +1,381 @@
+"""One chat engine behind every front end (terminal, web page, HTTP API).
+
+The engine knows nothing about terminals or HTTP. It renders a conversation with the model's chat
+template, encodes each image once per conversation, keeps the KV cache between turns so a turn
+prefills only its new text, and streams the answer with stock `generate`.
+
+    engine = ChatEngine(seechat.load("runs/toyworld/model"))
+    conv = engine.conversation()
+    print(conv.ask("这是什么形状？", image="test.png"))
+    for piece in conv.stream("它是什么颜色？"):
+        print(piece, end="", flush=True)
+
+Context rule: when the prompt plus the room kept for the answer (max_new_tokens, at most a quarter of the
+context) does not fit, whole exchanges (a user message and its answer) are dropped, oldest first. The
+exchange that carries the newest image is dropped last, and never while it belongs to the current
+question; if the current question with its image still does not fit, ContextOverflowError is raised.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from ..data.images import load_image
+from ..data.processor import IMAGE_MARKER, check_messages
+from ..errors import ConfigError, ContextOverflowError, SeeChatError
+from ..model.seechat import SeeChat
+
+IMAGE_PREFIX = IMAGE_MARKER + "\n"
+"""How an image is attached to a message that has no explicit marker: in front of the text."""
+
+
+@dataclass
+class GenerationSettings:
+    """How an answer is generated. temperature 0 means greedy decoding (the original's default)."""
+
+    max_new_tokens: int = 512
+    """Most tokens in one answer."""
+    temperature: float = 0.0
+    """0 for greedy; above 0 samples with this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0: no limit)."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages repeating tokens."""
+    seed: int | None = None
+    """Seed for sampling, for repeatable answers."""
+    stop: list[str] = field(default_factory=list)
+    """Extra strings that end the answer (not included in it)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Reply:
+    """What one turn produced, with the numbers front ends show."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    """The generated tokens (the end token included when one ended the answer)."""
+    finish_reason: str = "stop"
+    """'stop' (end token or stop string), 'length' (max_new_tokens) or 'cancelled'."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens computed this turn; the rest came from the KV cache of earlier turns."""
+    dropped_messages: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _KV:
+    cache: DynamicCache | None = None
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Image:
+    image: Image.Image
+    embeds: torch.Tensor | None = None
+
+
+class ChatEngine:
+    """Generation over one loaded model; thread-safe (turns run one at a time)."""
+
+    def __init__(self, model: SeeChat, *, reuse_cache: bool = True):
+        self.model = model.eval()
+        self.reuse_cache = reuse_cache
+        self.lock = threading.Lock()
+        tok = model.tokenizer
+        self._vocab = model.llm.get_output_embeddings().weight.shape[0]
+        self._safe_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # -- conveniences ---------------------------------------------------------------------------------
+    def conversation(self) -> "Conversation":
+        return Conversation(self)
+
+    def ask(self, image=None, text: str | None = None, **settings) -> str:
+        """One question about one image (or none), in a fresh conversation."""
+        return self.conversation().ask(text or self.model.config.default_prompt, image=image, **settings)
+
+    # -- the core -------------------------------------------------------------------------------------
+    def stream_chat(
+        self,
+        state: "ChatState",
+        settings: GenerationSettings | None = None,
+        *,
+        reply: Reply | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Stream the answer to the conversation in `state`, whose last message is the user's question.
+
+        `state.messages` are {'role', 'content'} dicts with one <image> marker per entry of `state.images`.
+        On return `state` holds what was kept (see the context rule) plus the answer, and the KV cache for
+        the next turn; `reply` is filled in.
+        """
+        settings = settings or GenerationSettings()
+        reply = reply if reply is not None else Reply()
+        cancel = cancel or threading.Event()
+        start = time.perf_counter()
+        with self.lock:
+            ids, max_new = self._fit(state, settings, reply)
+            image_embeds = self._image_embeds(state.images)
+            cache, cached = self._prefill(ids, image_embeds, state.kv)
+            reply.prompt_tokens, reply.prefill_tokens = len(ids), len(ids) - cached
+            yield from self._generate(ids, cache, settings, max_new, reply, cancel, state.kv)
+        state.messages.append({"role": "assistant", "content": reply.text})
+        reply.seconds = time.perf_counter() - start
+
+    def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply) -> tuple[list[int], int]:
+        """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring)."""
+        proc, limit = self.model.processor, self.model.max_context
+        check_messages(state.messages, len(state.images))
+        if state.messages[-1]["role"] != "user":
+            raise SeeChatError("the last message must be the user's question")
+        reserve = min(settings.max_new_tokens, max(1, limit // 4))
+        while True:
+            ids = proc.render(state.messages, num_images=len(state.images), add_generation_prompt=True).input_ids
+            if len(ids) + reserve <= limit:
+                return ids, min(settings.max_new_tokens, limit - len(ids))
+            span = _oldest_droppable(state.messages)
+            if span is None:
+                raise ContextOverflowError(
+                    f"the question{' with its image' if state.images else ''} needs {len(ids)} tokens plus "
+                    f"{reserve} for the answer, over the text expert's context of {limit}: shorten the question, "
+                    "lower max_new_tokens or start a new conversation"
+                )
+            start, end = span
+            first_image = _count_markers(state.messages[:start])
+            n_images = _count_markers(state.messages[start:end])
+            del state.images[first_image : first_image + n_images]
+            del state.messages[start:end]
+            reply.dropped_messages += end - start
+
+    def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
+        todo = [e for e in entries if e.embeds is None]
+        if todo:
+            pixels = self.model.processor.pixel_values([e.image for e in todo]).to(self.model.device)
+            with torch.no_grad():
+                embeds = self.model.encode_images(pixels)
+            for e, emb in zip(todo, embeds):
+                e.embeds = emb
+        if not entries:
+            return None
+        return torch.cat([e.embeds for e in entries]).to(self.model.device)
+
+    def _prefill(self, ids: list[int], image_embeds, kv: _KV) -> tuple[DynamicCache, int]:
+        """Bring the KV cache up to all prompt tokens but the last; return it and how many were reused."""
+        reused = 0
+        if self.reuse_cache and kv.cache is not None:
+            reused = _common_prefix(kv.ids, ids)
+            reused = min(reused, len(ids) - 1, kv.cache.get_seq_length())
+            kv.cache.crop(reused - kv.cache.get_seq_length())  # a negative count removes that many tokens
+            cache = kv.cache
+        else:
+            cache = DynamicCache(config=self.model.llm.config)
+        todo = torch.tensor([ids[reused:-1]], device=self.model.device)
+        if todo.shape[1]:
+            before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
+            here = int((todo == self.model.image_token_id).sum())
+            flat = None if image_embeds is None else image_embeds.reshape(-1, image_embeds.shape[-1])
+            part = flat[before : before + here] if here else None
+            with torch.no_grad():
+                embeds = self.model.embed(todo, part)
+                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True)
+        return cache, reused
+
+    def _generate(self, ids, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
+        model, tok = self.model, self.model.tokenizer
+        input_ids = torch.tensor([ids], device=model.device)
+        if model.image_token_id >= self._vocab:  # ids past the vocabulary would break logits processors
+            input_ids = input_ids.masked_fill(input_ids == model.image_token_id, self._safe_id)
+        sample = settings.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None,
+            top_k=settings.top_k if sample else None,
+            repetition_penalty=settings.repetition_penalty,
+            eos_token_id=model.stop_token_ids or None,
+            pad_token_id=self._safe_id,
+            suppress_tokens=[model.image_token_id] if model.image_token_id < self._vocab else None,
+        )
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def work():
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.no_grad():
+                    result["out"] = model.llm.generate(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        cache=cache,
+                        generation_config=config,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel, settings.stop, tok, len(ids))]),
+                    )
+            except BaseException as exc:  # re-raised in the caller's thread below
+                result["error"] = exc
+                streamer.on_finalized_text("", stream_end=True)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text, sent = "", 0
+        hold = max((len(s) for s in settings.stop), default=1) - 1
+        finished = False
+        try:
+            for piece in streamer:
+                text += piece
+                cut = _find_stop(text, settings.stop)
+                safe = cut if cut is not None else len(text) - hold
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            finished = True
+        finally:
+            if not finished:  # the consumer went away: stop generating and free the model
+                cancel.set()
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        out = result["out"]
+        new = out[0, len(ids):].tolist()
+        cut = _find_stop(text, settings.stop)
+        final = text[:cut] if cut is not None else text
+        if len(final) > sent:
+            yield final[sent:]
+        reply.text = final
+        reply.token_ids = new
+        reply.completion_tokens = len(new)
+        if cancel.is_set() and cut is None:
+            reply.finish_reason = "cancelled"
+        elif cut is not None or (new and new[-1] in model.stop_token_ids):
+            reply.finish_reason = "stop"
+        else:
+            reply.finish_reason = "length"
+        kv.cache = cache
+        kv.ids = out[0, : cache.get_seq_length()].tolist()
+
+
+@dataclass
+class ChatState:
+    """Messages, their images (each encoded once) and the KV cache of one conversation."""
+
+    messages: list[dict] = field(default_factory=list)
+    images: list[_Image] = field(default_factory=list)
+    kv: _KV = field(default_factory=_KV)
+
+    @classmethod
+    def of(cls, messages: list[dict], images: list) -> "ChatState":
+        return cls([dict(m) for m in messages], [im if isinstance(im, _Image) else _Image(im) for im in images])
+
+
+class Conversation:
+    """A multi-turn chat over one engine: history, images and the KV cache between turns."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+        self.state = ChatState()
+        self.last_reply: Reply | None = None
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.state.messages
+
+    def reset(self) -> None:
+        """Forget the history, its images and the KV cache."""
+        self.state = ChatState()
+
+    def stream(self, text: str, image=None, settings: GenerationSettings | None = None, **kwargs) -> Iterator[str]:
+        """Stream the answer to `text`, optionally about a new image (a path, bytes or a PIL image)."""
+        if IMAGE_MARKER in text:
+            raise SeeChatError(f"the text may not contain {IMAGE_MARKER!r}: pass the image with image=...")
+        settings = settings or GenerationSettings(**kwargs)
+        entry = None if image is None else _Image(image if isinstance(image, Image.Image) else load_image(image))
+        saved = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
+        self.state.messages.append({"role": "user", "content": (IMAGE_PREFIX + text) if entry else text})
+        if entry:
+            self.state.images.append(entry)
+        reply = Reply()
+        try:
+            yield from self.engine.stream_chat(self.state, settings, reply=reply)
+        except BaseException:
+            self.state = saved  # a failed or abandoned turn leaves the history as it was
+            raise
+        self.last_reply = reply
+
+    def ask(self, text: str, image=None, settings: GenerationSettings | None = None, **kwargs) -> str:
+        """The whole answer to `text` (see stream)."""
+        for _ in self.stream(text, image=image, settings=settings, **kwargs):
+            pass
+        return self.last_reply.text
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+class _Cancel(StoppingCriteria):
+    """Stops generation when the consumer went away, or when a stop string appeared in the new text."""
+
+    def __init__(self, event: threading.Event, stop: list[str], tokenizer, prompt_len: int):
+        self.event, self.stop, self.tokenizer, self.prompt_len = event, stop, tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.event.is_set()
+        if not done and self.stop:
+            tail = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            done = _find_stop(tail, self.stop) is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _oldest_droppable(messages: list[dict]) -> tuple[int, int] | None:
+    """(start, end) of the oldest exchange that may be dropped, or None.
+
+    An exchange is a user message and the answers after it. The current question (the last user
+    message) is never dropped, nor the exchange that carries the newest image.
+    """
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    with_image = [i for i in users if IMAGE_MARKER in messages[i]["content"]]
+    keep = {users[-1], with_image[-1] if with_image else None}
+    for k, start in enumerate(users[:-1]):
+        if start not in keep:
+            return start, users[k + 1]
+    return None
+
+
+def _count_markers(messages: list[dict]) -> int:
+    return sum(m["content"].count(IMAGE_MARKER) for m in messages)

@@ -1,0 +1,81 @@
+"""Shared pieces of the command-line front ends: argument groups, quiet loading, error reporting."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .errors import SeeChatError
+
+log = logging.getLogger("seechat")
+
+
+@dataclass
+class LoadArgs:
+    """Where the model is and how to place it."""
+
+    model: str = field(default="", metadata={"help": "A seechat model directory."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when present)."})
+    dtype: str = field(default="auto", metadata={"help": "fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code shipped with the text expert to run (only if you trust it)."}
+    )
+
+
+def parse(prog: str, argv: list[str], *groups, description: str | None = None):
+    """Parse argv into one instance per dataclass in `groups` (flags come from the fields)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(groups, prog=prog, description=description)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except SeeChatError:
+        raise
+    except ValueError as exc:  # a dataclass __post_init__ check
+        raise SeeChatError(str(exc)) from exc
+
+
+def quiet_hf() -> None:
+    """Keep Hugging Face's per-file progress bars and notices off the terminal; errors still show."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (so redirections made later are honoured)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging() -> None:
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def load_model(args: LoadArgs):
+    """Load args.model with a one-line note on stderr."""
+    from . import load
+
+    if not args.model:
+        raise SeeChatError("give a model directory with --model DIR")
+    quiet_hf()
+    start = time.perf_counter()
+    model = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    log.info("loaded %s in %.1fs (%s, %s)", args.model, time.perf_counter() - start, model.device, model.dtype)
+    return model

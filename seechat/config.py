@@ -1,0 +1,161 @@
+"""The composition of a seechat model: which vision expert, which bridge, which text expert.
+
+These dataclasses are the single source of truth. `seechat.json` inside a model directory and the
+YAML recipes under configs/ are serialised copies of them; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+FORMAT_VERSION = 1
+POOLING = ("none", "2x2")
+
+
+@dataclass
+class VisionConfig:
+    """The vision expert (frozen in both training stages by default)."""
+
+    name_or_path: str = ""
+    """Hub id or local path of a CLIP, Chinese-CLIP, SigLIP or BLIP-2 checkpoint (full or vision-only)."""
+    feature_layer: int = -2
+    """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2)."""
+    post_layernorm: bool = False
+    """Apply the vision model's post-layernorm to that layer (BLIP-2 feeds its Q-Former this way)."""
+    keep_cls: bool = False
+    """Keep the CLS token in front of the patch tokens (models without one, like SigLIP, ignore this)."""
+    pool: str = "none"
+    """Token pooling: 'none', or '2x2' (average each 2x2 block of patches: 4x fewer image tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLING:
+            raise ConfigError(f"vision.pool must be one of {list(POOLING)}, got {self.pool!r}")
+
+
+@dataclass
+class BridgeConfig:
+    """The learnable bridge from vision features to text-expert embeddings."""
+
+    type: str = "mlp"
+    """One of: linear, mlp, qformer."""
+    depth: int = 2
+    """mlp only: number of linear layers, GELU between them (LLaVA-1.5 uses 2)."""
+    num_queries: int = 32
+    """qformer only: learned query tokens, which is also the number of image tokens per image."""
+    qformer: dict[str, Any] = field(default_factory=dict)
+    """qformer only: Blip2QFormerConfig fields (hidden_size, num_hidden_layers, ...); filled in on build."""
+    qformer_from: str | None = None
+    """qformer only: a BLIP-2 checkpoint (hub id or path) whose Q-Former and query tokens initialise the bridge."""
+    frozen_qformer: bool = False
+    """qformer only: keep the Q-Former and queries exactly as loaded from qformer_from: never trained and not
+    stored in bridge.safetensors (SEEChat V1 does this; only the final linear layer trains)."""
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"bridge.depth must be >= 1, got {self.depth}")
+        if self.num_queries < 1:
+            raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
+        if self.frozen_qformer and not self.qformer_from:
+            raise ConfigError("bridge.frozen_qformer needs bridge.qformer_from (a BLIP-2 checkpoint to take it from)")
+
+
+@dataclass
+class LLMConfig:
+    """The text expert: any Hugging Face causal LM that accepts inputs_embeds."""
+
+    name_or_path: str = ""
+    """Hub id or local path of the causal LM (its tokenizer is loaded from the same place)."""
+    chat_template: str | None = None
+    """A built-in template name (chatml, glm4, llama3, seechat_v1) to install in the tokenizer,
+    or null to keep the tokenizer's own template."""
+    adapter: str | None = None
+    """Path of a peft LoRA adapter applied on load (written by instruction tuning)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint. Off unless you trust its author."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Tokens that end an answer besides the tokenizer's EOS (the template's end-of-turn token)."""
+
+
+@dataclass
+class SeeChatConfig:
+    """One stitched model: vision -> bridge -> llm, and how images appear in the text."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_token: str = "<image>"
+    """The placeholder token; each <image> marker in a user message becomes N of them."""
+    image_start: str = ""
+    """Text put before each image's tokens (SEEChat V1 uses <Img>)."""
+    image_end: str = ""
+    """Text put after each image's tokens (SEEChat V1 uses </Img>)."""
+    system_prompt: str | None = None
+    """A system message put first in every conversation, if the template supports one."""
+    default_prompt: str = "详细描述这张图片"
+    """What the terminal chat asks first about each image ('describe this image in detail')."""
+    max_context: int | None = None
+    """Tokens the text expert may see; null means its max_position_embeddings."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SeeChatConfig":
+        data = dict(data)
+        fmt = data.pop("format", FORMAT_VERSION)
+        if fmt != FORMAT_VERSION:
+            raise ConfigError(f"{where}: format {fmt} is not supported (this seechat reads format {FORMAT_VERSION})")
+        parts = {
+            "vision": _build(VisionConfig, data.pop("vision", {}), f"{where}: vision"),
+            "bridge": _build(BridgeConfig, data.pop("bridge", {}), f"{where}: bridge"),
+            "llm": _build(LLMConfig, data.pop("llm", {}), f"{where}: llm"),
+        }
+        return _build(cls, {**data, **parts}, where)
+
+
+def _build(cls, data: Any, where: str):
+    """Build dataclass `cls` from a dict, refusing unknown keys and wrong types with a clear message."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{where}.{key} must be {_type_name(hints[key])}, got {value!r}")
+    return cls(**data)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    base = origin or hint
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return isinstance(value, base)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -1,0 +1,139 @@
+"""Bridges: the small learnable part that turns vision features into text-expert embeddings.
+
+BRIDGES maps a config key to its class. Each bridge takes (batch, n_in, vision_dim) features and
+returns (batch, num_tokens(n_in), llm_dim) embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+from ..config import BridgeConfig
+from ..errors import ConfigError
+from .hub import loading, resolve
+
+
+class LinearBridge(nn.Module):
+    """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
+
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, llm_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return n_in
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.proj(feats)
+
+
+class MLPBridge(nn.Module):
+    """`depth` linear layers with GELU between them, per image token (LLaVA-1.5: depth 2)."""
+
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]
+        for _ in range(config.depth - 1):
+            layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
+        self.layers = nn.Sequential(*layers)
+
+    def num_tokens(self, n_in: int) -> int:
+        return n_in
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.layers(feats)
+
+
+class QFormerBridge(nn.Module):
+    """BLIP-2's Q-Former: learned queries cross-attend to the vision features, then a linear layer.
+
+    Always `num_queries` image tokens, whatever the vision expert's token count. Built on transformers'
+    Blip2QFormerModel, so BLIP-2 Q-Former weights load (config.qformer_from); the constructor itself
+    never touches the network.
+    """
+
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int):
+        super().__init__()
+        qcfg = Blip2QFormerConfig(**{**config.qformer, "encoder_hidden_size": vision_dim})
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, qcfg.hidden_size))
+        nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)
+        self.proj = nn.Linear(qcfg.hidden_size, llm_dim)
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.query_tokens.shape[1]
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(feats.shape[0], -1, -1).to(feats.dtype)
+        mask = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=feats, encoder_attention_mask=mask)
+        return self.proj(out.last_hidden_state)
+
+
+BRIDGES = {"linear": LinearBridge, "mlp": MLPBridge, "qformer": QFormerBridge}
+
+
+def build_bridge(config: BridgeConfig, vision_dim: int, llm_dim: int) -> nn.Module:
+    if config.type not in BRIDGES:
+        raise ConfigError(f"unknown bridge type {config.type!r}; valid types are {sorted(BRIDGES)}")
+    return BRIDGES[config.type](config, vision_dim, llm_dim)
+
+
+def qformer_config_from(source: str, base: str | None = None) -> tuple[dict, int]:
+    """The Blip2QFormerConfig fields and the query count of a BLIP-2 checkpoint (hub id or path)."""
+    from transformers import AutoConfig
+
+    path = resolve(source, base)
+    with loading("BLIP-2 checkpoint", path):
+        cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type != "blip-2":
+        raise ConfigError(f"bridge.qformer_from '{source}' is a {cfg.model_type!r} checkpoint, not a BLIP-2 one")
+    return qformer_fields(cfg.qformer_config), cfg.num_query_tokens
+
+
+def load_qformer_weights(bridge: QFormerBridge, source: str, base: str | None = None) -> None:
+    """Copy the Q-Former and its query tokens from a BLIP-2 checkpoint into `bridge` (the proj layer is not touched)."""
+    path = resolve(source, base)
+    with loading("BLIP-2 Q-Former", path):
+        qformer = Blip2QFormerModel.from_pretrained(path, key_mapping={r"^qformer\.": ""})
+        query_tokens = _read_tensor(path, "query_tokens")
+    if query_tokens.shape != bridge.query_tokens.shape:
+        raise ConfigError(
+            f"'{source}' has query tokens of shape {tuple(query_tokens.shape)}, but the bridge expects "
+            f"{tuple(bridge.query_tokens.shape)}: set bridge.num_queries to match"
+        )
+    bridge.qformer.load_state_dict(qformer.state_dict())
+    with torch.no_grad():
+        bridge.query_tokens.copy_(query_tokens)
+
+
+def qformer_fields(qcfg) -> dict:
+    keys = (
+        "hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act hidden_dropout_prob "
+        "attention_probs_dropout_prob max_position_embeddings initializer_range layer_norm_eps "
+        "cross_attention_frequency"
+    ).split()
+    return {k: getattr(qcfg, k) for k in keys if hasattr(qcfg, k)}
+
+
+def _read_tensor(path: str, key: str) -> torch.Tensor:
+    """Read one tensor from a (possibly sharded) safetensors checkpoint without loading the rest.
+
+    transformers has no public call for a single top-level parameter of a composite model.
+    """
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils.hub import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as fh:
+            shard = json.load(fh)["weight_map"][key]
+        file = cached_file(path, shard)
+    else:
+        file = cached_file(path, "model.safetensors")
+    with safe_open(file, framework="pt") as fh:
+        return fh.get_tensor(key)

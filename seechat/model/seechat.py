@@ -1,0 +1,126 @@
+"""SeeChat: a vision expert, a bridge and a text expert, passed in already built.
+
+    image -> vision -> bridge -> N embeddings, scattered into the text at the image tokens -> llm
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import SeeChatConfig
+from ..data.processor import SeeChatProcessor
+from ..errors import SeeChatError
+from .vision import VisionExpert
+
+
+class SeeChat(nn.Module):
+    """The stitched model. Build one with `seechat.build(config)` or load one with `seechat.load(dir)`."""
+
+    def __init__(
+        self,
+        vision: VisionExpert,
+        bridge: nn.Module,
+        llm: nn.Module,
+        processor: SeeChatProcessor,
+        config: SeeChatConfig,
+        *,
+        sources: dict[str, str] | None = None,
+        stop_token_ids: list[int] | None = None,
+    ):
+        super().__init__()
+        self.vision = vision
+        self.bridge = bridge
+        self.llm = llm
+        self.processor = processor
+        self.config = config
+        self.sources = dict(sources or {})
+        """Resolved locations of the experts (absolute paths or hub ids), used when saving."""
+        self.stop_token_ids = list(stop_token_ids or [])
+        self.num_image_tokens: int = bridge.num_tokens(vision.num_tokens)
+        if processor.num_image_tokens != self.num_image_tokens:
+            raise SeeChatError(
+                f"the processor expands <image> to {processor.num_image_tokens} tokens but the bridge gives "
+                f"{self.num_image_tokens}"
+            )
+        self.image_token_id = processor.image_token_id
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        if self.config.max_context:
+            return self.config.max_context
+        cfg = self.llm.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(getattr(cfg, "max_position_embeddings", 2048))
+
+    # -- the forward path -----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) pixels -> (n, num_image_tokens, llm_hidden) embeddings."""
+        vision_trains = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
+            feats = self.vision(pixel_values.to(self.vision.dtype))
+        bridge_dtype = next(self.bridge.parameters()).dtype
+        return self.bridge(feats.to(bridge_dtype)).to(self.dtype)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings with the image embeddings scattered into the image-token positions, in order.
+
+        `image_embeds` may be (n, N, D) or already flat (n*N, D); their count must equal the number of
+        image tokens in `input_ids`.
+        """
+        mask = input_ids == self.image_token_id
+        found = int(mask.sum())
+        flat = None if image_embeds is None else image_embeds.reshape(-1, image_embeds.shape[-1])
+        given = 0 if flat is None else flat.shape[0]
+        if found != given:
+            raise SeeChatError(
+                f"the input has {found} image tokens but the images give {given} embeddings "
+                f"({self.num_image_tokens} per image): each image needs exactly one <image> marker"
+            )
+        # Image-token rows are replaced below, so any in-vocabulary id serves for the lookup.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(mask, 0))
+        if found:
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), flat.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if image_embeds is None and pixel_values is not None and pixel_values.numel():
+            image_embeds = self.encode_images(pixel_values)
+        inputs_embeds = self.embed(input_ids, image_embeds)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def train(self, mode: bool = True) -> "SeeChat":
+        """Like nn.Module.train, but a part with no trainable parameter stays in eval mode (no dropout)."""
+        super().train(mode)
+        for part in (self.vision, self.bridge, self.llm):
+            if mode and not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save(self, directory, *, llm_weights: str = "auto") -> None:
+        """Write a model directory (see seechat.model.checkpoint)."""
+        from .checkpoint import save
+
+        save(self, directory, llm_weights=llm_weights)

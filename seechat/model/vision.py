@@ -1,0 +1,110 @@
+"""The vision expert: a Hugging Face image encoder and the choice of which features feed the bridge.
+
+Supported families (by the checkpoint's `model_type`): CLIP, Chinese-CLIP, SigLIP and BLIP-2's EVA ViT-g.
+A full checkpoint (vision + text towers) or a vision-only one both load; the text tower is not loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    Blip2VisionModel,
+    ChineseCLIPVisionModel,
+    CLIPVisionModel,
+    SiglipVisionModel,
+)
+
+from ..config import VisionConfig
+from ..errors import ConfigError, ModelDirError
+from .hub import loading
+
+# model_type of the checkpoint -> (vision class, key_mapping for from_pretrained).
+# BLIP-2 keeps its vision model under `vision_model.` in a composite checkpoint; the mapping lets
+# from_pretrained take just those weights.
+VISION_MODELS = {
+    "clip": (CLIPVisionModel, None),
+    "clip_vision_model": (CLIPVisionModel, None),
+    "chinese_clip": (ChineseCLIPVisionModel, None),
+    "chinese_clip_vision_model": (ChineseCLIPVisionModel, None),
+    "siglip": (SiglipVisionModel, None),
+    "siglip_vision_model": (SiglipVisionModel, None),
+    "blip-2": (Blip2VisionModel, {r"^vision_model\.": ""}),
+    "blip_2_vision_model": (Blip2VisionModel, None),
+}
+
+
+class VisionExpert(nn.Module):
+    """Wraps a HF vision model; returns (batch, tokens, hidden) features for the bridge."""
+
+    def __init__(self, model: nn.Module, config: VisionConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        mc = model.config
+        self.hidden_size: int = mc.hidden_size
+        self.has_cls = _has_cls(model)
+        grid = mc.image_size // mc.patch_size
+        if config.pool == "2x2" and grid % 2:
+            raise ConfigError(f"vision.pool '2x2' needs an even patch grid, but this model has {grid}x{grid} patches")
+        self.grid = grid
+        patches = grid * grid if config.pool == "none" else (grid // 2) ** 2
+        self.num_tokens: int = patches + int(self.has_cls and config.keep_cls)
+        n_layers = mc.num_hidden_layers
+        if not -n_layers - 1 <= config.feature_layer <= n_layers:
+            raise ConfigError(
+                f"vision.feature_layer {config.feature_layer} is out of range for a {n_layers}-layer model "
+                f"(use -1 for the last layer, -2 for the one before)"
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.feature_layer]
+        if self.config.post_layernorm:
+            feats = _post_layernorm(self.model)(feats)
+        cls, patches = (feats[:, :1], feats[:, 1:]) if self.has_cls else (None, feats)
+        if self.config.pool == "2x2":
+            b, n, d = patches.shape
+            grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+            patches = nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+        if cls is not None and self.config.keep_cls:
+            patches = torch.cat([cls, patches], dim=1)
+        return patches
+
+
+def load_vision(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> VisionExpert:
+    """Load the vision expert at `path` (hub id or directory) with the real from_pretrained."""
+    with loading("vision expert", path):
+        hf_config = AutoConfig.from_pretrained(path)
+    model_type = hf_config.model_type
+    if model_type not in VISION_MODELS:
+        raise ModelDirError(
+            f"'{path}' is a {model_type!r} checkpoint; the vision expert must be one of {sorted(VISION_MODELS)}"
+        )
+    cls, key_mapping = VISION_MODELS[model_type]
+    kwargs = {"key_mapping": key_mapping} if key_mapping else {}
+    with loading("vision expert", path):
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+    model.eval()
+    return VisionExpert(model, config)
+
+
+def load_image_processor(path: str):
+    with loading("image processor", path):
+        return AutoImageProcessor.from_pretrained(path)
+
+
+def _has_cls(model: nn.Module) -> bool:
+    embeddings = model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+    return hasattr(embeddings, "class_embedding")
+
+
+def _post_layernorm(model: nn.Module) -> nn.Module:
+    inner = model.vision_model if hasattr(model, "vision_model") else model
+    return inner.post_layernorm

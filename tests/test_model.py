@@ -1,0 +1,234 @@
+"""The stitched model: every vision expert x bridge x text expert, the marker rule, and the model directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import seechat
+from seechat.config import BridgeConfig
+from seechat.data.processor import IGNORE_INDEX
+from seechat.errors import ConfigError, ModelDirError, SeeChatError
+from seechat.tiny import LLM_ARCHS, VISION_ARCHS, tiny_config, tiny_llm, train_tokenizer, sample_texts
+
+BRIDGES = ("linear", "mlp", "qformer")
+TWO_IMAGES = [
+    {"role": "user", "content": "<image>\n这是什么颜色？"},
+    {"role": "assistant", "content": "红色。"},
+    {"role": "user", "content": "<image>\n这个呢？"},
+    {"role": "assistant", "content": "蓝色。"},
+]
+
+
+def _build(experts, arch="clip", bridge="mlp", llm="qwen2", **kw):
+    torch.manual_seed(0)
+    return seechat.build(tiny_config(experts["vision"][arch], experts["llm"][llm], bridge=bridge, **kw), device="cpu")
+
+
+def _inputs(model, images, messages=TWO_IMAGES, labels=True):
+    r = model.processor.render(messages, num_images=len(images), with_labels=labels)
+    ids = torch.tensor([r.input_ids])
+    lab = torch.tensor([r.labels]) if labels else None
+    return ids, lab, model.processor.pixel_values(images)
+
+
+@pytest.mark.parametrize("llm", LLM_ARCHS)
+@pytest.mark.parametrize("bridge", BRIDGES)
+@pytest.mark.parametrize("vision", VISION_ARCHS)
+def test_forward_shapes_and_loss_only_on_answers(experts, vision, bridge, llm, red, blue):
+    model = _build(experts, vision, bridge, llm)
+    ids, labels, pixels = _inputs(model, [red, blue])
+    assert model.num_image_tokens == (4 if bridge == "qformer" else 16)
+    assert int((ids == model.image_token_id).sum()) == 2 * model.num_image_tokens
+
+    supervised = labels[labels != IGNORE_INDEX]
+    text = model.tokenizer.decode(supervised)
+    assert "红色。" in text and "蓝色。" in text
+    assert "颜色？" not in text and model.image_token_id not in supervised.tolist()
+
+    out = model(ids, pixel_values=pixels, labels=labels)
+    assert out.logits.shape == (1, ids.shape[1], model.llm.config.vocab_size)
+    manual = F.cross_entropy(out.logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_images_land_at_their_markers_in_order(experts, red, blue):
+    model = _build(experts)
+    ids, _, pixels = _inputs(model, [red, blue], labels=False)
+    with torch.no_grad():
+        image_embeds = model.encode_images(pixels)
+        embeds = model.embed(ids, image_embeds)
+    positions = (ids[0] == model.image_token_id).nonzero().flatten()
+    n = model.num_image_tokens
+    torch.testing.assert_close(embeds[0, positions[:n]], image_embeds[0])
+    torch.testing.assert_close(embeds[0, positions[n:]], image_embeds[1])
+    assert not torch.allclose(image_embeds[0], image_embeds[1])  # the two pictures differ
+
+
+def test_image_count_mismatch_is_a_clear_error(experts, red, blue):
+    model = _build(experts)
+    ids, _, pixels = _inputs(model, [red, blue], labels=False)
+    with torch.no_grad():
+        one = model.encode_images(pixels[:1])
+    with pytest.raises(SeeChatError, match=r"has 32 image tokens but the images give 16 embeddings"):
+        model.embed(ids, one)
+    with pytest.raises(SeeChatError, match=r"2 <image> marker\(s\) but 1 image"):
+        model.processor.render(TWO_IMAGES, num_images=1)
+    with pytest.raises(SeeChatError, match="images belong in user messages"):
+        model.processor.render([{"role": "assistant", "content": "<image>"}], num_images=1)
+    padded = _build(experts, image_token="<img_pad>")  # a token other than the marker, as Qwen's <|image_pad|>
+    sneaky = [{"role": "user", "content": "<image>\n" + "<img_pad>" * 3}]
+    with pytest.raises(SeeChatError, match="rendered text has 19 image tokens, expected 1 image"):
+        padded.processor.render(sneaky, num_images=1)
+
+
+def test_vision_feature_options(experts, red):
+    from transformers import CLIPVisionModel
+
+    pixels = _build(experts).processor.pixel_values([red])
+    ref = CLIPVisionModel.from_pretrained(experts["vision"]["clip"])(pixels, output_hidden_states=True).hidden_states
+    cases = {
+        (-2, False, "none"): (16, ref[-2][:, 1:]),
+        (-1, True, "none"): (17, ref[-1]),
+        (1, False, "2x2"): (4, None),
+    }
+    for (layer, cls, pool), (count, expected) in cases.items():
+        model = _build(experts, vision={"feature_layer": layer, "keep_cls": cls, "pool": pool})
+        assert model.vision.num_tokens == count
+        feats = model.vision(pixels)
+        assert feats.shape == (1, count, 32)
+        if expected is not None:
+            torch.testing.assert_close(feats, expected)
+    pooled = _build(experts, vision={"feature_layer": 1, "pool": "2x2"}).vision(pixels)
+    grid = ref[1][:, 1:].reshape(1, 4, 4, 32)
+    torch.testing.assert_close(pooled[0, 0], grid[0, :2, :2].mean(dim=(0, 1)))
+
+
+def test_bad_compositions_name_the_valid_choices(experts):
+    with pytest.raises(ConfigError, match=r"unknown bridge type 'perceiver'; valid types are \['linear', 'mlp', 'qformer'\]"):
+        cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
+        cfg.bridge = BridgeConfig(type="perceiver")
+        seechat.build(cfg, device="cpu")
+    with pytest.raises(ModelDirError, match="vision expert must be one of"):
+        seechat.build(tiny_config(experts["llm"]["qwen2"], experts["llm"]["qwen2"]), device="cpu")
+    with pytest.raises(ConfigError, match="out of range for a 2-layer model"):
+        _build(experts, vision={"feature_layer": 5})
+    with pytest.raises(ConfigError, match="chat template 'llama3' writes"):
+        cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
+        cfg.llm.chat_template = "llama3"
+        seechat.build(cfg, device="cpu")
+    with pytest.raises(ConfigError, match="fp16 is for GPUs"):
+        seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cpu", dtype="fp16")
+
+
+def _logits(model, images, messages=TWO_IMAGES):
+    ids, _, pixels = _inputs(model, images, messages, labels=False)
+    with torch.no_grad():
+        return model(ids, pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("llm", LLM_ARCHS)
+@pytest.mark.parametrize("bridge", BRIDGES)
+def test_save_then_load_gives_identical_logits(experts, tmp_path, bridge, llm, red, blue):
+    model = _build(experts, bridge=bridge, llm=llm)
+    model.save(tmp_path / "m")
+    again = seechat.load(tmp_path / "m", device="cpu")
+    assert torch.equal(_logits(model, [red, blue]), _logits(again, [red, blue]))
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert files == {"seechat.json", "bridge.safetensors", "tokenizer", "image_processor"}
+
+
+def test_directory_refers_to_experts_by_relative_path_and_moves(experts, tmp_path, red, blue):
+    root = tmp_path / "project"
+    shutil.copytree(experts["vision"]["clip"], root / "experts" / "clip")
+    shutil.copytree(experts["llm"]["glm"], root / "experts" / "glm")
+    model = seechat.build(tiny_config(root / "experts" / "clip", root / "experts" / "glm"), device="cpu")
+    model.save(root / "runs" / "model")
+    saved = json.loads((root / "runs" / "model" / "seechat.json").read_text())
+    assert saved["vision"]["name_or_path"] == "../../experts/clip"
+    assert saved["llm"]["name_or_path"] == "../../experts/glm"
+    expected = _logits(model, [red, blue])
+    shutil.move(root, tmp_path / "moved")
+    assert torch.equal(_logits(seechat.load(tmp_path / "moved" / "runs" / "model", device="cpu"), [red, blue]), expected)
+    size = sum(p.stat().st_size for p in (tmp_path / "moved" / "runs" / "model").rglob("*") if p.is_file())
+    assert size < 1_000_000  # bridge + tokenizer only; the experts stay where they are
+
+
+def test_lora_and_full_weights_round_trip(experts, tmp_path, red, blue):
+    from peft import LoraConfig, get_peft_model
+
+    model = _build(experts, llm="glm")
+    base = _logits(model, [red, blue])
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    tuned = _logits(model, [red, blue])
+    assert not torch.allclose(base, tuned)
+
+    model.save(tmp_path / "lora_dir")
+    assert (tmp_path / "lora_dir" / "lora" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "lora_dir" / "seechat.json").read_text())["llm"]["adapter"] == "./lora"
+    torch.testing.assert_close(_logits(seechat.load(tmp_path / "lora_dir", device="cpu"), [red, blue]), tuned)
+
+    model.save(tmp_path / "full_dir", llm_weights="full")
+    assert (tmp_path / "full_dir" / "llm" / "config.json").is_file()
+    assert hasattr(model.llm, "peft_config")  # saving merged a copy; the live model keeps its adapter
+    torch.testing.assert_close(_logits(seechat.load(tmp_path / "full_dir", device="cpu"), [red, blue]), tuned,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_seechat_v1_composition(experts, tmp_path, red):
+    """BLIP-2 ViT -> frozen 32-query Q-Former taken from a BLIP-2 checkpoint -> linear -> GLM, V1's prompt."""
+    blip2 = experts["vision"]["blip2"]
+    cfg = tiny_config(blip2, experts["llm"]["glm"], vision={"feature_layer": -1, "post_layernorm": True,
+                                                           "keep_cls": True})
+    cfg.bridge = BridgeConfig(type="qformer", qformer_from=str(blip2), frozen_qformer=True)
+    cfg.llm.chat_template = "seechat_v1"
+    cfg.image_start, cfg.image_end = "<Img>", "</Img>"
+    model = seechat.build(cfg, device="cpu")
+
+    source = load_file(str(blip2 / "model.safetensors"))
+    assert model.num_image_tokens == source["query_tokens"].shape[1] == 8
+    torch.testing.assert_close(model.bridge.query_tokens, source["query_tokens"])
+    q = "encoder.layer.0.attention.attention.query.weight"
+    torch.testing.assert_close(model.bridge.qformer.state_dict()[q], source["qformer." + q])
+
+    from transformers import Blip2VisionModel
+
+    pixels = model.processor.pixel_values([red])
+    ref = Blip2VisionModel.from_pretrained(blip2, key_mapping={r"^vision_model\.": ""})(pixels).last_hidden_state
+    torch.testing.assert_close(model.vision(pixels), ref)
+
+    messages = [{"role": "user", "content": "<image> 详细描述这张图片"}]
+    ids = model.processor.render(messages, num_images=1, add_generation_prompt=True).input_ids
+    text = model.tokenizer.decode(ids)
+    assert text.startswith("###Human: <Img><image>") and text.endswith("</Img> 详细描述这张图片 ###Assistant: ")
+
+    model.save(tmp_path / "v1")
+    assert set(load_file(str(tmp_path / "v1" / "bridge.safetensors"))) == {"proj.weight", "proj.bias"}
+    assert torch.equal(_logits(model, [red], messages), _logits(seechat.load(tmp_path / "v1", device="cpu"), [red], messages))
+
+
+def test_image_token_outside_the_vocabulary_still_works(tmp_path, experts, red):
+    tok = train_tokenizer(sample_texts(), extra_tokens=())
+    llm_dir = tiny_llm(tmp_path / "llm", "qwen2", tokenizer=tok)
+    model = seechat.build(tiny_config(experts["vision"]["clip"], llm_dir), device="cpu")
+    assert model.image_token_id >= model.llm.config.vocab_size
+    ids, labels, pixels = _inputs(model, [red], TWO_IMAGES[:2])
+    assert torch.isfinite(model(ids, pixel_values=pixels, labels=labels).loss)
+
+
+def test_frozen_parts_stay_in_eval_mode_when_training(experts):
+    model = _build(experts, bridge="qformer")
+    for p in list(model.vision.parameters()) + list(model.llm.parameters()):
+        p.requires_grad_(False)
+    model.train()
+    assert model.bridge.training and not model.vision.training and not model.llm.training
+    assert not model.vision.model.training
