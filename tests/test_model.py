@@ -232,3 +232,25 @@ def test_frozen_parts_stay_in_eval_mode_when_training(experts):
     model.train()
     assert model.bridge.training and not model.vision.training and not model.llm.training
     assert not model.vision.model.training
+
+
+def test_vision_only_checkpoints_load_like_full_ones(experts, tmp_path, red):
+    from transformers import CLIPVisionModel
+
+    full = _build(experts)
+    CLIPVisionModel.from_pretrained(experts["vision"]["clip"]).save_pretrained(tmp_path / "vision_only")
+    shutil.copy(experts["vision"]["clip"] / "preprocessor_config.json", tmp_path / "vision_only")
+    torch.manual_seed(0)
+    only = seechat.build(tiny_config(tmp_path / "vision_only", experts["llm"]["qwen2"]), device="cpu")
+    pixels = full.processor.pixel_values([red])
+    torch.testing.assert_close(full.vision(pixels), only.vision(pixels))
+
+
+def test_bf16_on_cpu(experts, red):
+    from seechat.chat.engine import ChatEngine
+
+    model = seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["glm"]), device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16 and model.vision.dtype == torch.bfloat16
+    conv = ChatEngine(model).conversation()
+    conv.ask("这是什么？", image=red, max_new_tokens=5)
+    assert conv.last_reply.completion_tokens >= 1
