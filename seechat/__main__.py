@@ -15,6 +15,7 @@ from .errors import SeeChatError
 COMMANDS = {
     "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
     "train": ("seechat.train.run:main", "train a model: align (Stage I, bridge) or instruct (Stage II, bridge + LLM)"),
+    "toyworld": ("seechat.toyworld.cli:main", "build the offline toy world: data, tiny experts, Stage I + II, metrics"),
 }
 
 

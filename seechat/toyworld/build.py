@@ -1,0 +1,282 @@
+"""`seechat toyworld build`: the whole system, offline, in minutes on 2 CPU cores.
+
+    seechat toyworld build [--out runs/toyworld] [--seed 0] [--quick]
+
+Phases (each skipped when a previous run with the same settings finished it):
+  data      synthetic pictures, captions and conversations: OUT/data/{train,val,test,heldout_combos}/
+  vision    a CLIP model trained contrastively on the captions: OUT/clip/ (vision + text towers)
+  llm       a GLM-architecture LM with a per-character tokenizer, pretrained on the world's text: OUT/llm/
+  align     Stage I with `seechat train align` (bridge only): OUT/align/
+  instruct  Stage II with `seechat train instruct` (bridge + LoRA): OUT/instruct/
+  evaluate  exact-answer accuracy on test and heldout_combos: OUT/model/, OUT/metrics.json, OUT/report.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from ..errors import SeeChatError
+from . import world
+
+log = logging.getLogger("seechat")
+DEFAULT_OUT = Path("runs/toyworld")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
+
+    n_train: int = 5000
+    n_val: int = 100
+    n_test: int = 120
+    n_heldout: int = 60
+    clip_steps: int = 600
+    clip_batch: int = 128
+    lm_steps: int = 500
+    lm_batch: int = 48
+    align_steps: int = 150
+    align_batch: int = 32
+    instruct_steps: int = 300
+    instruct_batch: int = 16
+    feature_layer: int = -1
+
+
+FULL = Plan()
+QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=150, clip_batch=96, lm_steps=120,
+             lm_batch=32, align_steps=40, align_batch=16, instruct_steps=60, instruct_batch=16)
+
+
+def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None) -> dict:
+    """Run (or reuse) every phase; return the metrics."""
+    import torch
+
+    from ..cli import quiet_hf
+
+    quiet_hf()
+    plan = plan or (QUICK if quick else FULL)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, 1]).encode()).hexdigest()[:16]
+    stamps = out / ".stamps"
+    stamps.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    stale = False
+    phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
+              ("evaluate", _evaluate)]
+    for name, fn in tqdm(phases, desc="toy world", unit="phase", leave=True):
+        stamp = stamps / f"{name}.json"
+        if not stale and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+            timings[name] = json.loads(stamp.read_text())["seconds"]
+            log.info("toy world: %s already built (%.0fs), reused", name, timings[name])
+            continue
+        stale = True  # everything after a rebuilt phase is rebuilt too
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        fn(out, plan, seed, timings)
+        timings[name] = round(time.perf_counter() - t, 1)
+        stamp.write_text(json.dumps({"key": key, "seconds": timings[name]}))
+        log.info("toy world: %s done in %.0fs", name, timings[name])
+    metrics = json.loads((out / "metrics.json").read_text())
+    if stale:
+        metrics["build_seconds"] = round(sum(timings.values()), 1)
+        metrics["phase_seconds"] = timings
+        (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
+        from .report import write_report
+
+        write_report(out, metrics)
+    metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
+    return metrics
+
+
+# -- phases -----------------------------------------------------------------------------------------------
+def _data(out: Path, plan: Plan, seed: int, timings) -> None:
+    sizes = {"train": plan.n_train, "val": plan.n_val, "test": plan.n_test, "heldout_combos": plan.n_heldout}
+    root = out / "data"
+    shutil.rmtree(root, ignore_errors=True)
+    for split, n in sizes.items():
+        d = root / split
+        (d / "images").mkdir(parents=True)
+        rng = random.Random(f"qa:{split}:{seed}")
+        caps, qa, convs = [], [], []
+        for i, scene in enumerate(tqdm(world.sample_scenes(seed, split, n), desc=f"data {split}", leave=False)):
+            name = f"images/{i:05d}.png"
+            scene.render().save(d / name)
+            caps.append({"image": name, "caption": scene.caption()})
+            if split in ("train", "val"):
+                convs.append({"id": f"{split}-{i}", "image": name, "conversations": world.conversation(scene, rng)})
+            else:
+                for k, q in enumerate(world.questions(scene, rng) + [world.followup(scene, rng)]):
+                    qa.append({"id": f"{split}-{i}-{k}", "image": name, **q})
+        _jsonl(d / "captions.jsonl", caps)
+        if convs:
+            (d / "conversations.json").write_text(json.dumps(convs, ensure_ascii=False))
+        if qa:
+            _jsonl(d / "qa.jsonl", qa)
+    (root / "README.md").write_text(_DATA_README.format(held=", ".join(f"{c}{k}" for c, k in world.heldout_combos(seed))),
+                                    encoding="utf-8")
+
+
+def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from .experts import ExpertSizes, make_tokenizers, train_clip
+
+    scenes = world.sample_scenes(seed, "train", plan.n_train)
+    tok, clip_tok = make_tokenizers(_all_texts(seed))
+    processor = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
+                                   crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE})
+    images = [Image_open(out / "data" / "train" / f"images/{i:05d}.png") for i in range(len(scenes))]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    attrs = torch.tensor([[list(world.COLOURS).index(s.main.colour), list(world.SHAPES).index(s.main.kind),
+                           list(world.POSITIONS).index(s.main.position)] for s in scenes])
+    losses = train_clip(out / "clip", pixels, [s.caption() for s in scenes], clip_tok, sizes=ExpertSizes(),
+                        steps=plan.clip_steps, batch=plan.clip_batch, seed=seed, image_processor=processor,
+                        attributes=attrs)
+    tok.save_pretrained(out / "tokenizer")
+    _losses(out, "vision", losses)
+
+
+def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
+    from transformers import AutoTokenizer
+
+    from .experts import ExpertSizes, lm_texts, train_llm
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    scenes = world.sample_scenes(seed, "train", plan.n_train)
+    losses = train_llm(out / "llm", lm_texts(scenes, tok, seed), tok, sizes=ExpertSizes(), steps=plan.lm_steps,
+                       batch=plan.lm_batch, seed=seed)
+    _losses(out, "llm", losses)
+
+
+def _align(out: Path, plan: Plan, seed: int, timings) -> None:
+    from ..train.config import load_config
+    from ..train.run import train
+
+    cfg = {
+        "output_dir": str(out / "align"),
+        "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer},
+                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")}},
+        "data": {"train": [{"path": str(out / "data/train/captions.jsonl")}],
+                 "prompts": world.QUESTIONS["description"], "max_length": 256},
+        "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
+                     "learning_rate": 3e-3, "warmup_steps": 0.05, "logging_steps": 10,
+                     "save_steps": plan.align_steps, "seed": seed},
+        "overwrite": True,
+    }
+    _run_stage("align", cfg, out, load_config, train)
+
+
+def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
+    from ..train.config import load_config
+    from ..train.run import train
+
+    cfg = {
+        "output_dir": str(out / "instruct"),
+        "init_from": str(out / "align" / "model"),
+        "data": {"train": [{"path": str(out / "data/train/conversations.json")}],
+                 "eval": [{"path": str(out / "data/val/conversations.json")}], "max_length": 256},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
+        "training": {"max_steps": plan.instruct_steps, "per_device_train_batch_size": plan.instruct_batch,
+                     "learning_rate": 2e-3, "warmup_steps": 0.05, "logging_steps": 10,
+                     "save_steps": plan.instruct_steps, "eval_strategy": "steps",
+                     "eval_steps": max(10, plan.instruct_steps // 3), "per_device_eval_batch_size": 32, "seed": seed},
+        "overwrite": True,
+    }
+    _run_stage("instruct", cfg, out, load_config, train)
+
+
+def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
+    from .. import load
+    from ..chat.engine import ChatEngine
+    from .evaluate import evaluate_split
+
+    model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
+    shutil.rmtree(out / "model", ignore_errors=True)
+    model.save(out / "model")
+    engine = ChatEngine(model)
+    test = evaluate_split(engine, out / "data" / "test", desc="test")
+    held = evaluate_split(engine, out / "data" / "heldout_combos", desc="heldout_combos")
+    for name, result in (("test", test), ("heldout_combos", held)):
+        _jsonl(out / f"predictions_{name}.jsonl", result["results"])
+    metrics = {
+        "test_accuracy": round(test["accuracy"], 4),
+        "per_type": {k: round(v, 4) for k, v in test["per_type"].items()},
+        "heldout_combo_accuracy": round(held["accuracy"], 4),
+        "heldout_per_type": {k: round(v, 4) for k, v in held["per_type"].items()},
+        "n_test_questions": test["n_questions"],
+        "n_heldout_questions": held["n_questions"],
+        "heldout_combos": ["".join(c) for c in world.heldout_combos(seed)],
+        "seed": seed,
+        "plan": dataclasses.asdict(plan),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _run_stage(stage: str, cfg: dict, out: Path, load_config, train) -> None:
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    path = configs / f"{stage}.yaml"
+    path.write_text(f"# seechat train {stage} --config {path}\n" + yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False),
+                    encoding="utf-8")
+    shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    result = train(stage, load_config(str(path), []))
+    history = result.trainer.state.log_history
+    _losses(out, stage, [h["loss"] for h in history if "loss" in h],
+            steps=[h["step"] for h in history if "loss" in h])
+
+
+def _losses(out: Path, name: str, losses: list[float], steps: list[int] | None = None) -> None:
+    d = out / "losses"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.json").write_text(json.dumps({"step": steps or list(range(1, len(losses) + 1)), "loss": losses}))
+
+
+def _all_texts(seed: int) -> list[str]:
+    """Every string the world can say, for the tokenizers' vocabulary."""
+    texts = [f"一个{c}的{k}在{p}。" for c in world.COLOURS for k in world.SHAPES for p in world.POSITIONS]
+    texts += [q for qs in world.QUESTIONS.values() for q in qs] + list(world.FOLLOWUP.values())
+    texts += [t.format(x) for t in world.YESNO.values() for x in [*world.COLOURS, *world.SHAPES, *world.POSITIONS]]
+    return texts + ["是的。不是。"]
+
+
+def Image_open(path: Path):
+    from ..data.images import load_image
+
+    return load_image(path)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+_DATA_README = """# Toy world data
+
+Synthetic 64x64 pictures, one coloured shape each (6 colours x 4 shapes x 5 positions, jittered), with
+Chinese captions and questions.
+
+- `<split>/images/*.png`, `<split>/captions.jsonl`: `{{"image": "images/00000.png", "caption": "..."}}`
+- `train|val/conversations.json`: LLaVA-format multi-turn conversations (Stage II data)
+- `test|heldout_combos/qa.jsonl`: `{{"image", "question", "answer", "type", "id"}}`, follow-ups with `"history"`
+- `heldout_combos` uses only colour x shape pairs absent from all training data: {held}
+"""
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SeeChatError(f"--out {out} is a file: give a directory")

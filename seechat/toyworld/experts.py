@@ -1,0 +1,159 @@
+"""The toy world's tiny experts, trained by seechat's own code and saved in Hugging Face format.
+
+- vision: a CLIPModel (vision + text towers) trained contrastively on the world's image-caption pairs.
+  The whole CLIPModel is saved, so `seechat` loads its vision tower by the same code path as a real CLIP,
+  and its text tower can score image-caption relevance for the win-rate evaluation.
+- llm: a GLM-architecture causal LM (in honour of the original's ChatGLM) with a per-character Chinese
+  tokenizer and the glm4 chat template, pretrained on the world's text (descriptions and conversations
+  in which the description stands where the picture will later be).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..tiny import train_tokenizer
+from . import world
+
+
+@dataclass
+class ExpertSizes:
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    patch_size: int = 16
+    text_hidden: int = 96
+    llm_hidden: int = 128
+    llm_layers: int = 3
+
+
+def make_tokenizers(texts: list[str]):
+    """The text expert's tokenizer (glm4 template, <image> token) and CLIP's twin that appends an end token."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = train_tokenizer(texts, vocab_size=1000, template="glm4")
+    tok.padding_side = "right"
+    clip_tok = train_tokenizer(texts, vocab_size=1000, template="glm4")
+    eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
+    # CLIP pools its text tower at the end token, so every encoded text must end with it.
+    clip_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    clip_tok.model_max_length = 32
+    return tok, clip_tok
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_clip(out: Path, pixels: torch.Tensor, captions: list[str], tokenizer, *, sizes: ExpertSizes, steps: int,
+               batch: int, seed: int, lr: float = 2e-3, image_processor=None, logit_scale: float | None = None
+               ) -> list[float]:
+    """Contrastive training with every same-caption pair in a batch counted as a match; saves a CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden, intermediate_size=sizes.text_hidden * 4,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos),
+        vision_config=dict(hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_hidden * 4,
+                           num_hidden_layers=sizes.vision_layers, num_attention_heads=4,
+                           image_size=world.IMAGE_SIZE, patch_size=sizes.patch_size),
+        projection_dim=64,
+    )
+    model = CLIPModel(config)
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(logit_scale))
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    cap_ids = torch.tensor([index[c] for c in captions])
+    enc = tokenizer(unique, padding=True, return_tensors="pt")
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="vision expert (CLIP)", unit="step", leave=False):
+        pick = torch.randint(0, len(captions), (batch,), generator=gen)
+        ids = cap_ids[pick]
+        out_ = model(input_ids=enc.input_ids[ids], attention_mask=enc.attention_mask[ids], pixel_values=pixels[pick])
+        logits = out_.logits_per_image
+        same = (ids[:, None] == ids[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if image_processor is not None:
+        image_processor.save_pretrained(out)
+    return losses
+
+
+def lm_texts(scenes: list[world.Scene], tokenizer, seed: int) -> list[str]:
+    """Chat-formatted text: the description stands where the image will be, then questions about it."""
+    rng = random.Random(f"lm:{seed}")
+    texts = []
+    for scene in scenes:
+        convo = world.conversation(scene, rng)
+        messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                     "content": t["value"].replace("<image>\n", scene.caption())} for t in convo]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    return texts
+
+
+def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
+              lr: float = 3e-3) -> list[float]:
+    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
+    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
+                       num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=512, tie_word_embeddings=False, **ids)
+    model = GlmForCausalLM(config)
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="text expert (GLM)", unit="step", leave=False):
+        pick = torch.randint(0, len(texts), (batch,), generator=gen)
+        width = int(enc.attention_mask[pick].sum(1).max())
+        out_ = model(input_ids=enc.input_ids[pick, :width], attention_mask=enc.attention_mask[pick, :width],
+                     labels=labels[pick, :width])
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(out_.loss.item())
+    model.eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return losses
