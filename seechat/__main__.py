@@ -15,6 +15,7 @@ from .errors import SeeChatError
 COMMANDS = {
     "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
     "caption": ("seechat.eval.caption:main", "caption every image of a folder into a JSON-lines file (batched)"),
+    "eval": ("seechat.eval.cli:main", "evaluate: winrate, caption (CIDEr/BLEU/ROUGE), mcq (MMBench), vqa, toyworld"),
 }
 
 
