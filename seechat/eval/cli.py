@@ -13,6 +13,7 @@ from ..errors import SeeChatError
 # name -> (module:function, one-line summary)
 SUBCOMMANDS = {
     "winrate": ("seechat.eval.winrate:main", "caption win-rate judged by a CLIP model (the original's pie chart)"),
+    "caption": ("seechat.eval.metrics:main", "CIDEr-D, BLEU-1..4, ROUGE-L of captions against references"),
 }
 
 
