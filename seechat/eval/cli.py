@@ -14,6 +14,8 @@ from ..errors import SeeChatError
 SUBCOMMANDS = {
     "winrate": ("seechat.eval.winrate:main", "caption win-rate judged by a CLIP model (the original's pie chart)"),
     "caption": ("seechat.eval.metrics:main", "CIDEr-D, BLEU-1..4, ROUGE-L of captions against references"),
+    "mcq": ("seechat.eval.mcq:main", "MMBench / MMBench-CN / CCBench TSVs with CircularEval"),
+    "vqa": ("seechat.eval.vqa:main", "question/answer sets: exact-match and normalized accuracy"),
 }
 
 
