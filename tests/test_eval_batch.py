@@ -81,3 +81,13 @@ def test_bad_batches_are_refused(experts, red):
     with pytest.raises(ContextOverflowError, match="over the text expert's context of 30"):
         generate_batch(_model(experts, max_context=30), [red], "这是什么？", max_new_tokens=8)
     assert generate_batch(model, [], []) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_batched_generation_on_cuda(experts, red, blue, dtype):
+    model = seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cuda", dtype=dtype)
+    replies = generate_batch(model, [red, blue, None], PROMPTS[:3], max_new_tokens=8)
+    assert len(replies) == 3 and all(r.completion_tokens >= 1 for r in replies)
+    assert all(r.finish_reason in ("stop", "length") for r in replies)

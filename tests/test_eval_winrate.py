@@ -210,3 +210,12 @@ def test_bad_input_exits_2_with_one_line(judges, images, experts, tmp_path, caps
                  "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("seechat eval: error:") and needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_judge_on_cuda_agrees_with_the_cpu(judges):
+    pics, texts = [picture(COLORS["红"])], [["红色的圆", "蓝色的方"]]
+    cpu = ClipScorer.load(str(judges["chinese_clip"]), device="cpu").score(pics, texts)
+    gpu = ClipScorer.load(str(judges["chinese_clip"]), device="cuda").score(pics, texts)
+    assert gpu[0] == pytest.approx(cpu[0], abs=1e-3)

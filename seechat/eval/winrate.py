@@ -80,6 +80,9 @@ def main(argv: list[str]) -> int:
     (args,) = parse("seechat eval winrate", argv, WinrateArgs, description=__doc__.split("\n")[0])
     setup_logging()
     sources = parse_sources(args.captions)
+    if not args.images or not Path(args.images).is_dir():
+        raise ConfigError(f"--images '{args.images}' is not a folder: give the folder the captions' image paths are "
+                          "relative to")
     out = out_dir(args.out)
     if not args.scorer:
         raise ConfigError("give the judge with --scorer DIR (a Chinese-CLIP, CLIP or SigLIP checkpoint)")
