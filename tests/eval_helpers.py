@@ -11,7 +11,6 @@ import io
 import json
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from seechat.tiny import build_tiny_model, tiny_vision

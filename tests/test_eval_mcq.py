@@ -9,7 +9,7 @@ import pytest
 from eval_helpers import COLORS, b64_png, picture, write_tsv
 
 import seechat
-import seechat.eval.mcq as mcq
+from seechat.eval import mcq
 from seechat.__main__ import main
 from seechat.chat.engine import ChatEngine
 from seechat.eval.mcq import Question, parse_answer, prompt, read_tsv, rotate

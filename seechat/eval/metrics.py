@@ -14,7 +14,8 @@ its PTBTokenizer (which needs Java, as do its METEOR and SPICE, not used here):
 - ROUGE-L: `Rouge`, LCS-based F-measure with beta 1.2, best reference per image, averaged over images.
 
 Tokenization (`--tokenizer char`, the default): NFKC (full-width to half-width), lower-case; each CJK
-character is a token, a run of other letters or digits (a Latin word, a number) is a token, punctuation and spaces are dropped.
+character is a token, a run of other letters or digits (a Latin word, a number) is a token, punctuation
+and spaces are dropped.
 `--tokenizer jieba`: the same normalisation, then jieba's word segmentation (precise mode), punctuation and
 spaces dropped.
 

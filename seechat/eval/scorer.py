@@ -46,7 +46,7 @@ class ClipScorer:
         self._accepts = set(inspect.signature(model.forward).parameters)
 
     @classmethod
-    def load(cls, name_or_path: str, *, device: str = "auto") -> "ClipScorer":
+    def load(cls, name_or_path: str, *, device: str = "auto") -> ClipScorer:
         if not name_or_path:
             raise ConfigError("give the scorer with --scorer DIR (a Chinese-CLIP, CLIP or SigLIP checkpoint)")
         with loading("scorer", name_or_path):
@@ -66,7 +66,8 @@ class ClipScorer:
             "(tokenizer.save_pretrained(DIR))"
         )
         # transformers 5 quietly builds an empty tokenizer when a directory has none: check the files first
-        if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f))
+                                                    for f in TOKENIZER_FILES):
             raise no_tokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

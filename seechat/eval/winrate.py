@@ -220,7 +220,7 @@ def run_winrate(scorer, images_dir, captions: dict[str, dict[str, str]], *, miss
                 kept.append(img)
         bar.update(len(todo[start : start + batch_size]))
     bar.close()
-    for img, why in unreadable.items():
+    for why in unreadable.values():
         log.warning("left out (unreadable): %s", why)
 
     scores = np.array(rows, dtype=float).reshape(len(kept), len(names))
