@@ -60,13 +60,27 @@ def test_rerun_skips_what_is_done_and_repairs_a_cut_line(tiny_model_dir, folder,
     assert "incomplete line" in err and "wrote 2 caption(s)" in err and "1 already there" in err
     again = _lines(out)
     assert sorted(again, key=lambda r: r["image"]) == first  # batch size 1 gives the batch-of-8 captions
-
-
-def test_default_prompt_is_the_models(tiny_model_dir, folder, tmp_path):
-    out = tmp_path / "captions.jsonl"
-    assert _caption(tiny_model_dir, folder, out) == 0
+    # without --prompt the model's default prompt is asked
     engine = ChatEngine(seechat.load(tiny_model_dir, device="cpu"))
-    assert _lines(out)[0]["caption"] == engine.ask(folder / "a.png", "详细描述这张图片", max_new_tokens=6)
+    assert first[0]["caption"] == engine.ask(folder / "a.png", "详细描述这张图片", max_new_tokens=6)
+
+
+def test_sampled_captions_repeat_with_the_seed(tiny_model_dir, folder, tmp_path):
+    runs = []
+    for name, seed in (("one", "3"), ("two", "3"), ("three", "4")):
+        out = tmp_path / f"{name}.jsonl"
+        assert _caption(tiny_model_dir, folder, out, "--temperature", "1.5", "--seed", seed, "--batch-size", "2") == 0
+        runs.append(_lines(out))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    # one seed per run, not per batch: two copies of one picture in two batches get different draws
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    sample_image().save(twins / "1.png")
+    sample_image().save(twins / "2.png")
+    out = tmp_path / "twins.jsonl"
+    assert _caption(tiny_model_dir, twins, out, "--temperature", "1.5", "--seed", "3", "--batch-size", "1") == 0
+    first, second = _lines(out)
+    assert first["caption"] != second["caption"]
 
 
 @pytest.mark.parametrize("case, needle", [

@@ -15,7 +15,7 @@ from seechat.eval.toyworld import shuffle
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return standin_run(tmp_path_factory.mktemp("toyworld") / "run")
+    return standin_run(tmp_path_factory.mktemp("toyworld") / "run", n_test=4, n_heldout=2)
 
 
 def _lines(path):
@@ -24,12 +24,12 @@ def _lines(path):
 
 def test_toyworld_command_gives_every_number(run, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["eval", "toyworld", "--run", str(run), "--out", str(out), "--max-new-tokens", "6", "--bootstrap", "100",
+    argv = ["eval", "toyworld", "--run", str(run), "--out", str(out), "--max-new-tokens", "4", "--bootstrap", "100",
             "--batch-size", "4"]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["splits"]) == ["test", "heldout_combos"] and summary["scorer"]["model_type"] == "clip"
-    for split, n in (("test", 5), ("heldout_combos", 3)):
+    for split, n in (("test", 4), ("heldout_combos", 2)):
         s = summary["splits"][split]
         w = s["winrate"]
         assert w["n_images"] == n and list(w["win_ratio"]) == ["toy model", "ground truth", "shuffled"]
@@ -47,14 +47,14 @@ def test_toyworld_command_gives_every_number(run, tmp_path, capsys):
     # the model's captions are the chat engine's answers to the default prompt
     engine = ChatEngine(seechat.load(run / "model", device="cpu"))
     first = _lines(out / "test" / "captions_model.jsonl")[0]
-    assert first["caption"] == engine.ask(run / "data" / "test" / first["image"], "详细描述这张图片", max_new_tokens=6)
+    assert first["caption"] == engine.ask(run / "data" / "test" / first["image"], "详细描述这张图片", max_new_tokens=4)
     md = (out / "summary.md").read_text()
     assert "## test" in md and "## heldout_combos" in md and "CIDEr-D" in md and "| shuffled |" in md
     # a rerun reuses the captions
     capsys.readouterr()
     assert main([*argv, "--splits", "test"]) == 0
     err = capsys.readouterr().err
-    assert "wrote 0 caption(s)" in err and "5 already there" in err and "heldout_combos" not in err
+    assert "wrote 0 caption(s)" in err and "4 already there" in err and "heldout_combos" not in err
 
 
 def test_shuffle_is_a_seeded_derangement():

@@ -52,6 +52,8 @@ def generate_batch(
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if pad == model.image_token_id:  # padding must not look like an image position
+        pad = tok.eos_token_id
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)

@@ -13,12 +13,14 @@ generation is greedy unless --temperature is set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..chat.batch import generate_batch
@@ -89,6 +91,9 @@ def caption_images(
     """Caption the images `names` (keys relative to `root`) into `out`, skipping those already there."""
     root, out = Path(root), Path(out)
     settings = settings or GenerationSettings()
+    if settings.seed is not None:  # seed once for the run, not once per batch (batches would repeat their noise)
+        torch.manual_seed(settings.seed)
+        settings = dataclasses.replace(settings, seed=None)
     prompt = prompt or model.config.default_prompt
     done = _existing(out)
     todo = [n for n in names if image_key(n) not in done]

@@ -118,7 +118,9 @@ def parse_sources(items: list[str]) -> dict[str, str]:
 # -- the win-rate -------------------------------------------------------------------------------------
 def decide(scores: np.ndarray) -> np.ndarray:
     """Win shares (n, k) from scores (n, k) with NaN for a missing caption: the top score wins; k-way ties split."""
-    rounded = np.round(scores, DECIMALS)
+    # round exactly as scores.csv prints, so that the file and the decision agree on every tie
+    rounded = np.array([[float(f"{x:.{DECIMALS}f}") for x in row] for row in scores], dtype=float)
+    rounded = rounded.reshape(np.shape(scores))
     shares = np.zeros_like(scores, dtype=float)
     for i, row in enumerate(rounded):
         present = ~np.isnan(row)
