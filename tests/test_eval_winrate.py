@@ -143,6 +143,14 @@ def test_scores_are_the_models_image_text_logits(judges, arch):
             assert got[i] == pytest.approx(want.tolist(), abs=1e-4)
     assert got[1][0] == got[1][2]  # the same text scores the same for one image
     assert got[0][0] != got[1][1]  # and differently for another image
+    # long captions are cut at the judge's text length: 52 tokens for Chinese-CLIP, as its own tokenize() does
+    assert scorer.max_length == {"chinese_clip": 52, "clip": 64, "siglip": 64}[arch]
+    long = "红色的圆形" * 20
+    cut = scorer.score(pics[:1], [[long, long + "蓝色方形", long[:20]]])[0]
+    assert cut[0] == cut[1] and cut[0] != cut[2]
+    short = ClipScorer.load(str(judges[arch]), device="cpu", max_text_tokens=12)
+    assert short.max_length == 12 and short.score(pics[:1], [[long[:30], long[:40]]])[0][0] == pytest.approx(
+        short.score(pics[:1], [[long[:40]]])[0][0])
 
 
 def test_winrate_command_with_a_chinese_clip_judge(judges, images, tmp_path, capsys):

@@ -7,7 +7,9 @@ The model class comes from the checkpoint's config `model_type` (chinese_clip, c
 and the image processor are loaded from the same directory with AutoTokenizer and AutoImageProcessor.
 A score is the model's own `logits_per_image` entry for the pair: the cosine of the normalised image and text
 embeddings times exp(logit_scale), plus logit_bias for SigLIP. Scores of one scorer compare across captions;
-identical texts for one image get identical scores (each distinct text is encoded once per image batch).
+texts that tokenize alike get identical scores for one image (each is encoded once per image batch).
+Texts longer than the judge's text length are cut: 52 tokens for Chinese-CLIP (as its own tokenize() does),
+the model's position count (77 for CLIP, 64 for SigLIP) otherwise, or --max-text-tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ SCORERS = {
     "siglip": SiglipModel,
 }
 """config model_type -> the model class that scores image-text pairs."""
+TEXT_TOKENS = {"chinese_clip": 52}
+"""Default text length by model_type: Chinese-CLIP's own tokenize() cuts texts at 52 tokens ([CLS] and [SEP]
+included), the length all its models were trained with; other models use their position-embedding count."""
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model")
 
@@ -46,7 +51,8 @@ class ClipScorer:
         self._accepts = set(inspect.signature(model.forward).parameters)
 
     @classmethod
-    def load(cls, name_or_path: str, *, device: str = "auto") -> ClipScorer:
+    def load(cls, name_or_path: str, *, device: str = "auto", max_text_tokens: int = 0) -> ClipScorer:
+        """Load a judge; texts are cut at max_text_tokens (0: TEXT_TOKENS or the model's position count)."""
         if not name_or_path:
             raise ConfigError("give the scorer with --scorer DIR (a Chinese-CLIP, CLIP or SigLIP checkpoint)")
         with loading("scorer", name_or_path):
@@ -75,11 +81,8 @@ class ClipScorer:
             raise no_tokenizer from exc
         if len(tokenizer) - len(set(tokenizer.all_special_ids)) < 2:
             raise no_tokenizer
-        text_config = model.config.text_config
-        limit = int(getattr(text_config, "max_position_embeddings", 77))
-        tok_limit = getattr(tokenizer, "model_max_length", None)
-        if isinstance(tok_limit, int) and 0 < tok_limit < limit:
-            limit = tok_limit
+        positions = int(getattr(model.config.text_config, "max_position_embeddings", 77))
+        limit = min(max_text_tokens or TEXT_TOKENS.get(config.model_type, positions), positions)
         return cls(model.to(resolve_device(device)), tokenizer, image_processor, max_length=limit)
 
     @property
@@ -95,11 +98,19 @@ class ClipScorer:
         distinct = list(dict.fromkeys(t for row in texts for t in row))
         if not distinct:
             return [[] for _ in images]
-        column = {t: j for j, t in enumerate(distinct)}
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         tokens = self.tokenizer(distinct, padding=self.padding, truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in tokens.items() if k in self._accepts}
+        tokens = {k: v for k, v in tokens.items() if k in self._accepts}
+        # texts that tokenize alike (equal after truncation) are encoded once, so they score exactly alike
+        keys = [tuple(tuple(v[j].tolist()) for v in tokens.values()) for j in range(len(distinct))]
+        first = {}  # key -> the first row with it
+        for j, key in enumerate(keys):
+            first.setdefault(key, j)
+        position = {key: i for i, key in enumerate(first)}
+        column = {t: position[key] for t, key in zip(distinct, keys)}
+        rows = list(first.values())
+        inputs = {k: v[rows].to(self.device) for k, v in tokens.items()}
         with torch.no_grad():
             out = self.model(pixel_values=pixels.to(self.device), **inputs)
         logits = out.logits_per_image.float().cpu()

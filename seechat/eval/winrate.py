@@ -68,12 +68,15 @@ class WinrateArgs:
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
     title: str = field(default="Image Caption Win Ratio", metadata={"help": "Title of the pie chart."})
+    max_text_tokens: int = field(default=0, metadata={
+        "help": "Cut captions at this many tokens for the judge (0: 52 for Chinese-CLIP, as its own tokenize() "
+                "does; the model's text length otherwise)."})
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING_RULES:
             raise ConfigError(f"--missing must be one of {list(MISSING_RULES)}, got {self.missing!r}")
-        if self.batch_size < 1 or self.bootstrap < 0:
-            raise ConfigError("--batch-size must be >= 1 and --bootstrap >= 0")
+        if self.batch_size < 1 or self.bootstrap < 0 or self.max_text_tokens < 0:
+            raise ConfigError("--batch-size must be >= 1, --bootstrap and --max-text-tokens >= 0")
 
 
 def main(argv: list[str]) -> int:
@@ -90,10 +93,10 @@ def main(argv: list[str]) -> int:
     quiet_hf()
     from .scorer import ClipScorer
 
-    scorer = ClipScorer.load(args.scorer, device=args.device)
+    scorer = ClipScorer.load(args.scorer, device=args.device, max_text_tokens=args.max_text_tokens)
     result = run_winrate(scorer, args.images, captions, missing=args.missing, batch_size=args.batch_size,
                          bootstrap=args.bootstrap, seed=args.seed)
-    result["scorer"] = {"path": args.scorer, "model_type": scorer.model_type}
+    result["scorer"] = {"path": args.scorer, "model_type": scorer.model_type, "max_text_tokens": scorer.max_length}
     write_outputs(result, out, title=args.title)
     log.info("%s", summary_line(result))
     log.info("wrote %s/{scores.csv,winrate.json,winrate.md,winrate.png}", out)
