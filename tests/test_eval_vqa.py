@@ -9,7 +9,7 @@ import pytest
 import seechat
 from seechat.__main__ import main
 from seechat.chat.engine import ChatEngine
-from seechat.eval.vqa import normalize
+from seechat.eval.vqa import normalize, read_questions
 from seechat.tiny import sample_image
 
 
@@ -60,6 +60,7 @@ def test_vqa_command_scores_exact_and_normalized_matches(tiny_model_dir, tmp_pat
         "position": {"n": 1, "exact_match": 0.0, "normalized_match": 1.0},
     }
     assert "| color | 2 | 50.0% | 50.0% |" in (out / "metrics.md").read_text()
+    assert read_questions(str(data)) == read_questions(str(data / "qa.jsonl"))  # a folder means its qa.jsonl
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -7,6 +7,7 @@ The data file has one JSON object per line:
     {"image": "<path relative to the data file's folder>", "question": "...", "answer": "...",
      "type": "<question type, optional>", "id": "<optional; default the line number>"}
 
+--data may also be a folder holding qa.jsonl, such as a toy-world split (runs/toyworld/data/heldout_combos).
 Each question is asked about its image in a fresh conversation, greedily (batched; the answers equal the
 chat engine's). A prediction is an exact match when it equals the answer after stripping surrounding
 whitespace; it is a normalized match when the two are equal after `normalize` (below). Writes
@@ -45,7 +46,8 @@ NO_TYPE = "(none)"
 class VQAArgs:
     """Which questions, and how to answer them."""
 
-    data: str = field(default="", metadata={"help": "Questions as JSON lines {image, question, answer, type?, id?}."})
+    data: str = field(default="", metadata={"help": "Questions as JSON lines {image, question, answer, type?, id?}, "
+                                                    "or a folder holding qa.jsonl (a toy-world split)."})
     out: str = field(default="", metadata={"help": "Output folder for results.jsonl and metrics.json."})
     batch_size: int = field(default=8, metadata={"help": "Questions answered together in one generate call."})
     max_new_tokens: int = field(default=64, metadata={"help": "Most tokens in one answer."})
@@ -89,7 +91,9 @@ def _strippable(ch: str) -> bool:
 
 
 def read_questions(path: str) -> list[dict]:
-    """The questions of a data file, with image paths resolved against the file's folder."""
+    """The questions of a data file (or of DIR/qa.jsonl), with image paths resolved against the file's folder."""
+    if Path(path).is_dir():
+        path = str(Path(path) / "qa.jsonl")
     base = Path(path).parent
     items = []
     for number, obj in read_jsonl(path, "questions file"):
