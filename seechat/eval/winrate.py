@@ -332,13 +332,14 @@ def pie_chart(result: dict, path: Path, *, title: str = "Image Caption Win Ratio
     if sum(ratios) > 0:
         wedges, _ = ax.pie(ratios, colors=colors, startangle=90, counterclock=False,
                            wedgeprops={"linewidth": 1, "edgecolor": "white"})
-        for wedge, name, r in zip(wedges, names, ratios):
+        for wedge, name, r, color in zip(wedges, names, ratios, colors):
             if r < 0.03:  # too thin to label inside; the legend carries it
                 continue
             angle = math.radians((wedge.theta1 + wedge.theta2) / 2)
             x, y = 0.68 * math.cos(angle), 0.68 * math.sin(angle)
-            ax.text(x, y, f"{name}\n{r:.0%}", ha="center", va="center", color="white", fontsize=12,
-                    fontweight="bold", **font)
+            light = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 0.7
+            ax.text(x, y, f"{name}\n{r:.0%}", ha="center", va="center", color="#3a4a4d" if light else "white",
+                    fontsize=12, fontweight="bold", **font)
     else:
         ax.add_patch(Wedge((0, 0), 1, 0, 360, color="#dddddd"))
         ax.text(0, 0, "no images scored", ha="center", va="center")
