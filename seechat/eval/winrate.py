@@ -109,12 +109,12 @@ def parse_sources(items: list[str]) -> dict[str, str]:
         raise ConfigError("give at least two captioners: --captions NAME=FILE.jsonl NAME=FILE.jsonl ...")
     sources: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name or not path:
             raise ConfigError(f"--captions takes NAME=FILE.jsonl, got {item!r}")
         if name in sources:
             raise ConfigError(f"the captioner name {name!r} is given twice: give each its own name")
-        sources[name.strip()] = path.strip()
+        sources[name] = path
     return sources
 
 
