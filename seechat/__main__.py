@@ -14,6 +14,7 @@ from .errors import SeeChatError
 # name -> (module:function, one-line summary)
 COMMANDS = {
     "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
+    "train": ("seechat.train.run:main", "train a model: align (Stage I, bridge) or instruct (Stage II, bridge + LLM)"),
     "caption": ("seechat.eval.caption:main", "caption every image of a folder into a JSON-lines file (batched)"),
     "eval": ("seechat.eval.cli:main", "evaluate: winrate, caption (CIDEr/BLEU/ROUGE), mcq (MMBench), vqa, toyworld"),
 }

@@ -40,8 +40,15 @@ def parse(prog: str, argv: list[str], *groups, description: str | None = None):
 
 def quiet_hf() -> None:
     """Keep Hugging Face's per-file progress bars and notices off the terminal; errors still show."""
+    import warnings
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
+
+    for module in ("transformers", "peft", "accelerate", "torch"):  # deprecation notices meant for library authors
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

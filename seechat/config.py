@@ -105,18 +105,27 @@ class SeeChatConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, **dataclasses.asdict(self)}
 
+    def to_json_string(self) -> str:
+        """As Hugging Face configs offer it (the Trainer's TensorBoard logger records it)."""
+        import json
+
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "SeeChatConfig":
         data = dict(data)
         fmt = data.pop("format", FORMAT_VERSION)
         if fmt != FORMAT_VERSION:
             raise ConfigError(f"{where}: format {fmt} is not supported (this seechat reads format {FORMAT_VERSION})")
-        parts = {
-            "vision": _build(VisionConfig, data.pop("vision", {}), f"{where}: vision"),
-            "bridge": _build(BridgeConfig, data.pop("bridge", {}), f"{where}: bridge"),
-            "llm": _build(LLMConfig, data.pop("llm", {}), f"{where}: llm"),
-        }
-        return _build(cls, {**data, **parts}, where)
+        return from_dict(cls, data, where)
+
+
+def from_dict(cls, data: Any, where: str = "config"):
+    """Build dataclass `cls` from a mapping (nested dataclasses and lists of them included).
+
+    Unknown keys and values of the wrong type are errors that name the key and the valid choices.
+    """
+    return _build(cls, data, where)
 
 
 def _build(cls, data: Any, where: str):
@@ -130,10 +139,26 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
     hints = typing.get_type_hints(cls)
+    values = {}
     for key, value in data.items():
+        value = _nested(value, hints[key], f"{where}.{key}")
         if not _matches(value, hints[key]):
             raise ConfigError(f"{where}.{key} must be {_type_name(hints[key])}, got {value!r}")
-    return cls(**data)
+        values[key] = value
+    return cls(**values)
+
+
+def _nested(value: Any, hint: Any, where: str) -> Any:
+    """Build nested dataclasses (or lists of them) from mappings, as the type hint says."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return _build(option, value, where)
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option) or (Any,)
+            if dataclasses.is_dataclass(item):
+                return [_build(item, v, f"{where}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
+    return value
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -158,4 +183,6 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

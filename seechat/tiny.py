@@ -146,7 +146,8 @@ def tiny_config(vision_dir, llm_dir, *, bridge: str = "mlp", **overrides):
     )
 
 
-__all__ = ["train_tokenizer", "tiny_llm", "tiny_vision", "tiny_config", "TEMPLATES", "LLM_ARCHS", "VISION_ARCHS"]
+__all__ = ["train_tokenizer", "tiny_llm", "tiny_vision", "tiny_config", "build_tiny_model", "sample_image", "sample_texts",
+           "TEMPLATES", "LLM_ARCHS", "VISION_ARCHS"]
 
 
 def build_tiny_model(out: str | os.PathLike, *, vision: str = "clip", llm: str = "qwen2", bridge: str = "mlp",

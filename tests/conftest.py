@@ -48,3 +48,47 @@ def red():
 @pytest.fixture
 def blue():
     return sample_image((40, 40, 220))
+
+
+COLOURS = {"红色": (220, 40, 40), "蓝色": (40, 40, 220), "绿色": (40, 180, 40)}
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Small generated training data in every supported format, with a few deliberately bad records."""
+    import json
+
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "img").mkdir()
+    captions, llava, messages = [], [], []
+    names = list(COLOURS)
+    for i in range(24):
+        name = names[i % 3]
+        sample_image(COLOURS[name]).save(root / "img" / f"{i}.png")
+        captions.append({"image": f"img/{i}.png", "caption": f"一个{name}的圆形。"})
+        llava.append({"id": str(i), "image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n这是什么颜色？"}, {"from": "gpt", "value": f"{name}。"},
+            {"from": "human", "value": "是什么形状？"}, {"from": "gpt", "value": "圆形。"}]})
+        messages.append({"messages": [{"role": "user", "content": "这两张图的颜色一样吗？"},
+                                      {"role": "assistant", "content": "不一样。" if i % 3 else "一样。"}],
+                         "images": [f"img/{i}.png", f"img/{(i + 3 * (i % 3 != 0) + 1) % 24}.png"]})
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in captions) + "\n")
+    (root / "llava.json").write_text(json.dumps(llava, ensure_ascii=False))
+    (root / "messages.jsonl").write_text("\n".join(json.dumps(m, ensure_ascii=False) for m in messages) + "\n")
+    (root / "captions.csv").write_text("image,caption\n" + "\n".join(f"{c['image']},{c['caption']}" for c in captions))
+    with wds.TarWriter(str(root / "shard-0.tar")) as sink:
+        for i, c in enumerate(captions[:12]):
+            sink.write({"__key__": f"{i:05d}", "png": (root / c["image"]).read_bytes(), "txt": c["caption"]})
+    with wds.TarWriter(str(root / "shard-1.tar")) as sink:
+        for i, c in enumerate(captions[12:]):
+            sink.write({"__key__": f"{i + 12:05d}", "png": (root / c["image"]).read_bytes(),
+                        "json": json.dumps({"caption": c["caption"]}).encode()})
+    # a file with a few unusable records among good ones
+    (root / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    bad = [{"image": "img/missing.png", "caption": "不存在的图片"}, {"image": "img/corrupt.png", "caption": "坏图"},
+           {"image": "img/0.png", "caption": ""}]
+    lines = [json.dumps(c, ensure_ascii=False) for c in captions[:7] + bad] + ["{not json"]
+    (root / "mixed_bad.jsonl").write_text("\n".join(lines) + "\n")
+    return root

@@ -121,11 +121,13 @@ def load(
     return model.to(dev).eval()
 
 
-def save(model: SeeChat, directory: str | os.PathLike, *, llm_weights: str = "auto") -> None:
+def save(model: SeeChat, directory: str | os.PathLike, *, llm_weights: str = "auto",
+         state_dict: dict | None = None) -> None:
     """Write `model` as a model directory.
 
     llm_weights: 'reference' (only the text expert's location), 'adapter' (its LoRA adapter),
     'full' (all its weights, LoRA merged in), or 'auto' (adapter for a LoRA model, else reference).
+    state_dict: the model's full state dict when the live parameters are sharded (DeepSpeed ZeRO-3, FSDP).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -143,16 +145,18 @@ def save(model: SeeChat, directory: str | os.PathLike, *, llm_weights: str = "au
         config.bridge.qformer_from = relative_to(model.sources["qformer_from"], directory)
     config.llm.name_or_path = relative_to(model.sources["llm"], directory)
     config.llm.adapter = None
+    llm_state = _part(state_dict, "llm.")
     if llm_weights == "adapter":
-        model.llm.save_pretrained(directory / "lora")
+        model.llm.save_pretrained(directory / "lora", state_dict=llm_state)
         config.llm.adapter = "./lora"
     elif llm_weights == "full":
         # merge_and_unload works in place, so merge a copy: the live model keeps its adapter.
         llm = copy.deepcopy(model.llm).merge_and_unload() if is_peft else model.llm
-        llm.save_pretrained(directory / "llm")
+        llm.save_pretrained(directory / "llm", state_dict=None if is_peft else llm_state)
         config.llm.name_or_path = "./llm"
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.bridge.state_dict().items()}
+    bridge_state = _part(state_dict, "bridge.") or model.bridge.state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in bridge_state.items()}
     if config.bridge.frozen_qformer and isinstance(model.bridge, QFormerBridge):
         state = {k: v for k, v in state.items() if k.startswith("proj.")}
     save_file(state, str(directory / BRIDGE_NAME), metadata={"format": "pt"})
@@ -163,7 +167,45 @@ def save(model: SeeChat, directory: str | os.PathLike, *, llm_weights: str = "au
     os.replace(tmp, directory / CONFIG_NAME)
 
 
+def load_weights(model: SeeChat, directory: str | os.PathLike) -> None:
+    """Load the trained weights of a checkpoint directory into a live model of the same composition.
+
+    Used to resume training: the bridge, and the LoRA adapter or the full text expert when the checkpoint
+    has them. requires_grad is left as it is.
+    """
+    directory = Path(directory)
+    _load_bridge(model, directory, next(model.bridge.parameters()).dtype, keep_dtype=True)
+    adapter = directory / "lora" / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        if not hasattr(model.llm, "peft_config"):
+            raise ModelDirError(f"{directory} has a LoRA adapter but the model being trained has none")
+        result = set_peft_model_state_dict(model.llm, load_file(str(adapter)))
+        if getattr(result, "unexpected_keys", None):
+            raise ModelDirError(f"{adapter} does not match the model's LoRA layers ({result.unexpected_keys[:3]})")
+    elif (directory / "llm").is_dir():
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        single = directory / "llm" / "model.safetensors"
+        if single.is_file():
+            result = model.llm.load_state_dict(load_file(str(single)), strict=False)
+        else:
+            result = load_sharded_checkpoint(model.llm, str(directory / "llm"), strict=False)
+        tied = getattr(model.llm.config, "tie_word_embeddings", False)
+        missing = [k for k in result.missing_keys if not (tied and k.startswith("lm_head."))]
+        if missing or result.unexpected_keys:
+            raise ModelDirError(f"{directory / 'llm'} does not match the text expert (missing {missing[:3]}, "
+                                f"unexpected {result.unexpected_keys[:3]})")
+
+
 # -- helpers ------------------------------------------------------------------------------------------
+def _part(state_dict: dict | None, prefix: str) -> dict | None:
+    if state_dict is None:
+        return None
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, adapter_base=None) -> SeeChat:
     vision = load_vision(config.vision, sources["vision"], dtype=torch_dtype)
     image_processor = load_image_processor(image_processor_path)
@@ -194,7 +236,7 @@ def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, ada
     )
 
 
-def _load_bridge(model: SeeChat, directory: Path, torch_dtype: torch.dtype) -> None:
+def _load_bridge(model: SeeChat, directory: Path, torch_dtype: torch.dtype, keep_dtype: bool = False) -> None:
     file = directory / BRIDGE_NAME
     if not file.is_file():
         raise ModelDirError(f"'{directory}' has no {BRIDGE_NAME}: the model directory is incomplete")
@@ -213,4 +255,5 @@ def _load_bridge(model: SeeChat, directory: Path, torch_dtype: torch.dtype) -> N
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     model.bridge.load_state_dict(state, strict=False)
-    model.bridge.to(torch_dtype)
+    if not keep_dtype:
+        model.bridge.to(torch_dtype)

@@ -119,8 +119,15 @@ class SeeChat(nn.Module):
         return self
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, directory, *, llm_weights: str = "auto") -> None:
+    def save(self, directory, *, llm_weights: str = "auto", state_dict: dict | None = None) -> None:
         """Write a model directory (see seechat.model.checkpoint)."""
         from .checkpoint import save
 
-        save(self, directory, llm_weights=llm_weights)
+        save(self, directory, llm_weights=llm_weights, state_dict=state_dict)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute activations in the backward pass of the parts that train (called by the HF Trainer)."""
+        ckpt = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        if any(p.requires_grad for p in self.vision.parameters()):
+            self.vision.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)

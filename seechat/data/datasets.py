@@ -1,0 +1,182 @@
+"""Datasets for training: records -> token ids, loss labels and pixels; bad samples are skipped and counted.
+
+A bad sample (missing or corrupt image, empty text, a sequence over max_length once images are expanded,
+a broken record) becomes {"bad": (where, reason)}; the collator drops it from the batch and the trainer
+counts it (see seechat.train.trainer).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..errors import ImageError, SeeChatError
+from .images import load_image
+from .processor import IGNORE_INDEX, SeeChatProcessor
+from .sources import BadSample, DataSource, IndexedSource, Record, stream_records
+
+
+class Encoder:
+    """Turns a Record into model inputs with one render (ids and loss labels together)."""
+
+    def __init__(self, processor: SeeChatProcessor, max_length: int):
+        self.processor, self.max_length = processor, max_length
+
+    def __call__(self, record: Record, root) -> dict:
+        try:
+            images = [
+                load_image(im, name=f"the image of {record.where}") if isinstance(im, bytes)
+                else load_image(os.path.join(root, str(im)), name=f"'{im}'")
+                for im in record.images
+            ]
+        except ImageError as exc:
+            raise BadSample(str(exc)) from exc
+        try:
+            rendered = self.processor.render(record.messages, num_images=len(images), with_labels=True)
+        except SeeChatError as exc:
+            raise BadSample(str(exc)) from exc
+        n = len(rendered.input_ids)
+        if n > self.max_length:
+            raise BadSample(f"{n} tokens once images are expanded, over max_length {self.max_length}")
+        if all(t == IGNORE_INDEX for t in rendered.labels):
+            raise BadSample("no answer tokens to learn from")
+        pixels = self.processor.pixel_values(images) if images else None
+        return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": pixels}
+
+
+class IndexedDataset(Dataset):
+    """Random-access training data over JSONL / LLaVA JSON sources (only line offsets are held in memory)."""
+
+    def __init__(self, sources: list[DataSource], processor: SeeChatProcessor, *, prompts: list[str],
+                 max_length: int, seed: int = 0):
+        self.parts = [IndexedSource(s, prompts, seed) for s in sources]
+        self.encoder = Encoder(processor, max_length)
+        self.num_image_tokens = processor.num_image_tokens
+        self._starts = [0]
+        for p in self.parts:
+            self._starts.append(self._starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, i: int):
+        for k, part in enumerate(self.parts):
+            if i < self._starts[k + 1]:
+                return part, i - self._starts[k]
+        raise IndexError(i)
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self._locate(i)
+        where = f"{part.source.path}:{j + 1}"
+        try:
+            record = part.record(j)
+            return {**self.encoder(record, part.source.root), "index": i}
+        except BadSample as exc:
+            return {"bad": (where, str(exc)), "index": i}
+
+    def lengths(self) -> list[int]:
+        """Cheap size estimates for length-grouped batching (no image is opened)."""
+        return [p.text_length(j) + self.num_image_tokens for p in self.parts for j in range(len(p))]
+
+
+class StreamDataset(IterableDataset):
+    """Streamed training data (CSV, webdataset shards, or a mix): endless, each rank and worker reads its share.
+
+    Training on it needs training.max_steps (a stream has no length). Indexed sources mixed in are read in a
+    seeded random order, sharded the same way.
+    """
+
+    def __init__(self, sources: list[DataSource], processor: SeeChatProcessor, *, prompts: list[str],
+                 max_length: int, seed: int = 0, shuffle_buffer: int = 256):
+        self.sources, self.prompts, self.seed, self.shuffle_buffer = sources, prompts, seed, shuffle_buffer
+        self.encoder = Encoder(processor, max_length)
+        self.indexed = {i: IndexedSource(s, prompts, seed) for i, s in enumerate(sources) if not s.streamed}
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = _rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}:{rank}:{worker}")
+        buffer: list[dict] = []
+        epoch = 0
+        while True:  # endless: training.max_steps decides when to stop
+            produced = 0
+            streams = [self._records(i, s, epoch, rank, world, worker, workers) for i, s in enumerate(self.sources)]
+            while streams:  # interleave the sources round-robin
+                for stream in list(streams):
+                    item = next(stream, None)
+                    if item is None:
+                        streams.remove(stream)
+                        continue
+                    buffer.append(item)
+                    produced += 1
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield buffer.pop(rng.randrange(len(buffer)))
+            if not produced:
+                raise SeeChatError(f"the training data has no records for rank {rank}, worker {worker}: "
+                                   "check the data paths, or use fewer processes or dataloader workers")
+            epoch += 1
+
+    def _records(self, i, source, epoch, rank, world, worker, workers) -> Iterator[dict]:
+        if source.streamed:
+            for item in stream_records(source, self.prompts, self.seed, epoch, rank, world, worker, workers):
+                if isinstance(item, BadSample):
+                    yield {"bad": (getattr(item, "where", source.path), str(item))}
+                    continue
+                try:
+                    yield self.encoder(item, source.root)
+                except BadSample as exc:
+                    yield {"bad": (item.where, str(exc))}
+            return
+        part = self.indexed[i]
+        order = list(range(len(part)))
+        random.Random(f"{self.seed}:{epoch}:{i}").shuffle(order)
+        for j in order[rank * workers + worker :: world * workers]:
+            try:
+                yield self.encoder(part.record(j), source.root)
+            except BadSample as exc:
+                yield {"bad": (f"{source.path}:{j + 1}", str(exc))}
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Collator:
+    """Right-pads a batch; drops bad samples and reports them in the batch (the trainer counts them)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "bad" not in s]
+        bad = [s["bad"] for s in samples if "bad" in s]
+        width = max((len(s["input_ids"]) for s in good), default=0)
+        ids = torch.full((len(good), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(good), width), dtype=torch.long)
+        for row, s in enumerate(good):
+            n = len(s["input_ids"])
+            ids[row, :n] = torch.tensor(s["input_ids"])
+            labels[row, :n] = torch.tensor(s["labels"])
+            mask[row, :n] = 1
+        pixels = [s["pixel_values"] for s in good if s["pixel_values"] is not None]
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0),
+            "bad_samples": bad,
+        }
+        if all("index" in s for s in samples):
+            batch["sample_index"] = torch.tensor([s["index"] for s in samples])
+        return batch
+
+
+__all__ = ["IndexedDataset", "StreamDataset", "Collator", "Encoder"]

@@ -1,0 +1,79 @@
+"""Export a seechat model to transformers' LLaVA format (LlavaForConditionalGeneration + its processor).
+
+Serving engines that read that format (vLLM, SGLang, TGI) can then serve a seechat model. The LLaVA
+format holds exactly: a vision tower, a 2-layer GELU projector, and a causal LM; image features taken
+from one hidden layer, with or without the CLS token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..errors import ConfigError
+from ..model.seechat import SeeChat
+
+
+def check_exportable(model: SeeChat) -> None:
+    """Raise ConfigError saying why a composition cannot be written in the LLaVA format."""
+    cfg = model.config
+    reasons = []
+    if cfg.bridge.type != "mlp" or cfg.bridge.depth != 2:
+        reasons.append(f"the bridge is {cfg.bridge.type!r}"
+                       + (f" of depth {cfg.bridge.depth}" if cfg.bridge.type == "mlp" else "")
+                       + ", but LLaVA's projector is exactly a 2-layer GELU MLP (bridge type mlp, depth 2)")
+    if cfg.vision.pool != "none":
+        reasons.append(f"vision.pool {cfg.vision.pool!r} pools image tokens, which LLaVA cannot express")
+    if cfg.vision.post_layernorm:
+        reasons.append("vision.post_layernorm is not applied by LLaVA to the selected layer")
+    if reasons:
+        raise ConfigError("this model cannot be exported to the LLaVA format: " + "; ".join(reasons))
+
+
+def llava_parts(model: SeeChat):
+    """The LlavaConfig and the state dict (LLaVA's key names) of `model`, LoRA merged."""
+    from transformers import LlavaConfig
+
+    check_exportable(model)
+    llm = model.llm
+    if hasattr(llm, "peft_config"):
+        llm = copy.deepcopy(llm).merge_and_unload()
+    if model.image_token_id >= llm.config.vocab_size:
+        raise ConfigError(
+            f"the image token id {model.image_token_id} is outside the text expert's vocabulary "
+            f"({llm.config.vocab_size}); LLaVA looks it up in the embedding table, so the text expert needs a "
+            "row for it (compose the model with an image token the tokenizer already has)"
+        )
+    vision = model.vision
+    strategy = "default" if vision.has_cls and not model.config.vision.keep_cls else "full"
+    config = LlavaConfig(
+        vision_config=vision.model.config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=model.image_token_id,
+        vision_feature_layer=model.config.vision.feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_seq_length=model.num_image_tokens,
+        tie_word_embeddings=getattr(llm.config, "tie_word_embeddings", False),
+    )
+    layers = model.bridge.layers
+    state = {
+        **{f"model.vision_tower.{k}": v for k, v in vision.model.state_dict().items()},
+        **{f"model.multi_modal_projector.linear_1.{k}": v for k, v in layers[0].state_dict().items()},
+        **{f"model.multi_modal_projector.linear_2.{k}": v for k, v in layers[2].state_dict().items()},
+        **{f"model.language_model.{k}": v for k, v in llm.get_decoder().state_dict().items()},
+        **{f"lm_head.{k}": v for k, v in llm.get_output_embeddings().state_dict().items()},
+    }
+    return config, state
+
+
+def to_llava(model: SeeChat):
+    """A LlavaForConditionalGeneration in memory with the same weights and outputs (for small models)."""
+    from transformers import LlavaForConditionalGeneration
+
+    config, state = llava_parts(model)
+    llava = LlavaForConditionalGeneration(config).to(model.dtype)
+    llava.load_state_dict(state, strict=True)
+    return llava.eval()

@@ -1,0 +1,179 @@
+"""Training configuration: typed dataclasses that YAML files mirror (unknown keys are errors).
+
+    seechat train align --config configs/toy_align.yaml training.max_steps=200 data.max_length=512
+
+`training` holds transformers.TrainingArguments fields (mixed precision, accumulation, checkpointing,
+logging, DDP/FSDP/DeepSpeed all come from there); seechat fills stage defaults under what you give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import SeeChatConfig, from_dict
+from ..data.sources import DEFAULT_CAPTION_PROMPTS, DataSource
+from ..errors import ConfigError
+from .freeze import LoraConfig, PartsConfig
+
+STAGES = ("align", "instruct")
+
+COMMON_TRAINING = dict(
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=1,
+    num_train_epochs=1,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.03,
+    weight_decay=0.0,
+    logging_steps=10,
+    save_steps=500,
+    save_total_limit=3,
+    seed=0,
+    report_to=["tensorboard"],
+    remove_unused_columns=False,
+    dataloader_num_workers=0,
+    ddp_find_unused_parameters=False,
+)
+STAGE_TRAINING = {
+    "align": dict(learning_rate=1e-3),     # LLaVA-1.5's projector pretraining rate
+    "instruct": dict(learning_rate=2e-4),  # LLaVA-1.5's LoRA rate
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and what makes one unusable."""
+
+    train: list[DataSource] = field(default_factory=list)
+    """Training sources (file paths or shard patterns, relative to the current directory)."""
+    eval: list[DataSource] = field(default_factory=list)
+    """Optional evaluation sources (evaluated every training.eval_steps when set)."""
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
+    """Questions a caption answers; one is drawn per caption."""
+    max_length: int = 2048
+    """Longest sequence in tokens, images expanded; longer samples are skipped and counted."""
+    max_bad_ratio: float = 0.01
+    """Stop with an error when more than this share of samples is bad."""
+    bad_ratio_after: int = 100
+    """Judge the bad share only once this many samples were read."""
+    shuffle_buffer: int = 256
+    """Streamed data only: samples held for shuffling."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_bad_ratio <= 1:
+            raise ConfigError("data.max_bad_ratio must be between 0 and 1")
+        if self.max_length < 8:
+            raise ConfigError("data.max_length must be at least 8")
+        if not self.prompts:
+            raise ConfigError("data.prompts needs at least one prompt")
+
+    @property
+    def streamed(self) -> bool:
+        return any(s.streamed for s in self.train)
+
+
+@dataclass
+class TrainConfig:
+    """One training run (Stage I `align` or Stage II `instruct`)."""
+
+    output_dir: str = ""
+    """Checkpoints, logs, the loss curve and the final model (OUTPUT/model) go here."""
+    model: SeeChatConfig | None = None
+    """Compose a new model from experts (typical for Stage I)..."""
+    init_from: str | None = None
+    """...or start from a seechat model directory (Stage II starts from Stage I's OUTPUT/model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    parts: PartsConfig = field(default_factory=PartsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    """transformers.TrainingArguments fields, over seechat's stage defaults."""
+    dtype: str = "auto"
+    """Storage dtype of frozen parts: fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU). Trainable weights stay fp32."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in output_dir."""
+    overwrite: bool = False
+    """Allow starting afresh in an output_dir that already has checkpoints."""
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir is required (where checkpoints and the model go)")
+        if (self.model is None) == (self.init_from is None):
+            raise ConfigError("give exactly one of model (a composition of experts) or init_from (a model directory)")
+        if not self.data.train:
+            raise ConfigError("data.train needs at least one source")
+        if "output_dir" in self.training:
+            raise ConfigError("set output_dir at the top level, not in training")
+
+    def training_arguments(self, stage: str) -> dict[str, Any]:
+        """TrainingArguments fields: seechat's defaults for the stage, then the config's own."""
+        args = {**COMMON_TRAINING, **STAGE_TRAINING[stage], **self.training, "output_dir": self.output_dir}
+        import torch
+
+        if not torch.cuda.is_available():  # a laptop or CPU server: say so, so bf16 means CPU autocast
+            args.setdefault("use_cpu", True)
+            args.setdefault("dataloader_pin_memory", False)
+        if self.data.streamed:
+            if args.get("max_steps", -1) in (-1, None):
+                raise ConfigError("streamed data (webdataset or CSV) has no length: set training.max_steps")
+            # each rank reads its own share of the stream instead of rank 0 reading for all
+            args["accelerator_config"] = {**(args.get("accelerator_config") or {}), "dispatch_batches": False}
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and args.get("report_to") == ["tensorboard"]:
+                args["report_to"] = "none"
+        except ValueError:
+            pass
+        return args
+
+    def to_yaml(self, stage: str) -> str:
+        data = dataclasses.asdict(self)
+        data["training"] = self.training_arguments(stage)
+        return f"# seechat train {stage}: the resolved configuration of this run\n" + yaml.safe_dump(
+            data, allow_unicode=True, sort_keys=False
+        )
+
+
+def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    """Read a YAML file (optional) and apply key=value overrides (dotted keys; values parsed as YAML)."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example training.max_steps=100)")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip().split("."), yaml.safe_load(raw) if raw else "")
+    model = data.get("model")
+    if isinstance(model, dict):
+        model = SeeChatConfig.from_dict(model, where="model")
+    return from_dict(TrainConfig, {**data, **({"model": model} if model is not None else {})}, where=path or "config")
+
+
+def _set(tree: dict, keys: list[str], value) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        nxt = node[int(key)] if isinstance(node, list) else node.get(key)
+        if nxt is None:
+            nxt = {}
+            node[key] = nxt
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a mapping")
+        node = nxt
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
