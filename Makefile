@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench eval-toyworld clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# every evaluation of a built toy world (runs/toyworld): win-rate pie, CIDEr, vqa on both splits
+eval-toyworld: setup
+	$(VENV)/bin/seechat eval toyworld --run runs/toyworld --out runs/toyworld/eval
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,3 +23,7 @@ class ConfigError(SeeChatError):
 
 class ContextOverflowError(SeeChatError):
     """A conversation that does not fit the text expert's context, even after dropping old turns."""
+
+
+class DataError(SeeChatError):
+    """A data file (captions, references, questions, a benchmark table) that cannot be read or lacks a field."""

@@ -1,0 +1,140 @@
+"""Batched generation: many single-turn questions, each about one image (or none), in one `generate` call.
+
+    from seechat.chat.batch import generate_batch
+    replies = generate_batch(model, [img1, img2], ["详细描述这张图片"] * 2, max_new_tokens=64)
+    print([r.text for r in replies])
+
+Each question is rendered exactly as the chat engine renders a fresh conversation (`<image>\\n` in front of
+the text, the model's chat template, the generation prompt), the rows are padded on the left, the image
+embeddings are scattered in, and the text expert's stock `generate` runs on `inputs_embeds` with the prompt
+ids alongside (so repetition_penalty sees the prompt, as in the engine). Greedy answers equal the engine's
+one-by-one answers; with sampling, a batch draws from one seeded stream, so its answers differ from the
+engine's one-by-one samples.
+
+Context rule: the longest prompt plus the answer's room (max_new_tokens, at most a quarter of the context)
+must fit the text expert's context, else ContextOverflowError; answers get at most context - longest prompt
+tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from ..data.images import load_image
+from ..errors import ContextOverflowError, SeeChatError
+from ..model.seechat import SeeChat
+from .engine import IMAGE_PREFIX, GenerationSettings, Reply, _find_stop
+
+
+def generate_batch(
+    model: SeeChat,
+    images: list,
+    prompts: list[str] | str,
+    settings: GenerationSettings | None = None,
+    **kwargs,
+) -> list[Reply]:
+    """Answer `prompts[i]` about `images[i]` (a path, bytes, a PIL image or None) for every i, in one batch.
+
+    A single string prompt is asked about every image. Returns one Reply per row, in order.
+    """
+    settings = settings or GenerationSettings(**kwargs)
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    if len(prompts) != len(images):
+        raise SeeChatError(f"generate_batch got {len(images)} images but {len(prompts)} prompts: give one each")
+    if not prompts:
+        return []
+    pil = [None if im is None else im if isinstance(im, Image.Image) else load_image(im) for im in images]
+    rows = [_render(model, text, im is not None) for text, im in zip(prompts, pil)]
+    max_new = _room(model, rows, settings)
+
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if pad == model.image_token_id:  # padding must not look like an image position
+        pad = tok.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    present = [im for im in pil if im is not None]
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    with torch.no_grad():
+        image_embeds = None
+        if present:
+            image_embeds = model.encode_images(model.processor.pixel_values(present).to(model.device))
+        embeds = model.embed(ids, image_embeds)
+        # the prompt ids go along for the logits processors; an image id past the vocabulary would break them
+        prompt_ids = ids.masked_fill(ids == model.image_token_id, pad) if model.image_token_id >= vocab else ids
+        sample = settings.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None,
+            top_k=settings.top_k if sample else None,
+            repetition_penalty=settings.repetition_penalty,
+            eos_token_id=model.stop_token_ids or None,
+            pad_token_id=pad,
+            suppress_tokens=[model.image_token_id] if model.image_token_id < vocab else None,
+        )
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        criteria = StoppingCriteriaList([_StopStrings(settings.stop, tok, width)]) if settings.stop else None
+        out = model.llm.generate(
+            input_ids=prompt_ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+            stopping_criteria=criteria,
+        )
+    new = out[:, width:].tolist()
+    return [_reply(tokens, len(row), model.stop_token_ids, pad, tok, settings.stop) for tokens, row in zip(new, rows)]
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _render(model: SeeChat, text: str, with_image: bool) -> list[int]:
+    """The prompt ids of a fresh one-question conversation, as the chat engine renders it."""
+    if "<image>" in text:
+        raise SeeChatError("the text may not contain '<image>': pass the image separately")
+    content = (IMAGE_PREFIX + text) if with_image else text
+    return model.processor.render(
+        [{"role": "user", "content": content}], num_images=int(with_image), add_generation_prompt=True
+    ).input_ids
+
+
+def _room(model: SeeChat, rows: list[list[int]], settings: GenerationSettings) -> int:
+    limit = model.max_context
+    longest = max(len(r) for r in rows)
+    reserve = min(settings.max_new_tokens, max(1, limit // 4))
+    if longest + reserve > limit:
+        raise ContextOverflowError(
+            f"a question with its image needs {longest} tokens plus {reserve} for the answer, over the text "
+            f"expert's context of {limit}: shorten the prompt or lower max_new_tokens"
+        )
+    return min(settings.max_new_tokens, limit - longest)
+
+
+def _reply(tokens: list[int], prompt_len: int, stop_ids: list[int], pad: int, tok, stop: list[str]) -> Reply:
+    """Cut a row at its first end token (kept in token_ids, as the engine does) and at its first stop string."""
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    kept = tokens if end is None else tokens[: end + 1]
+    if end is None and stop:  # a row a stop string finished early was filled up with padding
+        while kept and kept[-1] == pad:
+            kept = kept[:-1]
+    text = tok.decode(kept, skip_special_tokens=True)
+    cut = _find_stop(text, stop)
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    else:
+        finish = "stop" if end is not None else "length"
+    return Reply(text=text, token_ids=kept, finish_reason=finish, prompt_tokens=prompt_len,
+                 completion_tokens=len(kept), prefill_tokens=prompt_len)
+
+
+class _StopStrings(StoppingCriteria):
+    """Per row: done once a stop string appears in that row's new text."""
+
+    def __init__(self, stop: list[str], tokenizer, prompt_len: int):
+        self.stop, self.tokenizer, self.prompt_len = stop, tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([_find_stop(t, self.stop) is not None for t in texts], device=input_ids.device)
