@@ -1,6 +1,8 @@
 """The `seechat` command: one table of subcommands, each a function that takes its own arguments.
 
     seechat chat --model DIR --image PHOTO.jpg
+    seechat serve --model DIR --port 8000
+    seechat web --model DIR --port 7860
     seechat --help
 """
 
@@ -14,6 +16,8 @@ from .errors import SeeChatError
 # name -> (module:function, one-line summary)
 COMMANDS = {
     "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
+    "serve": ("seechat.serve.api:main", "an OpenAI-compatible HTTP API (/v1/chat/completions, streaming, images)"),
+    "web": ("seechat.serve.web:main", "a web page: upload an image and chat with it (Gradio, offline)"),
 }
 
 
