@@ -105,6 +105,9 @@ class ChatCompletionRequest(_Model):
         return stops
 
 
+_UNION_LABELS = {"str", "int", "float", "bool", "TextPart", "ImagePart", "ImageURL", "Message", "StreamOptions"}
+
+
 def _explain(exc: ValidationError) -> tuple[str, str | None]:
     """One readable message for a validation error: the deepest problem, its field path without pydantic's
     union labels ('str', 'list[...]', the part's type tag)."""
@@ -113,7 +116,7 @@ def _explain(exc: ValidationError) -> tuple[str, str | None]:
     path: list = []
     loc = deepest["loc"]
     for i, p in enumerate(loc):
-        label = isinstance(p, str) and (p in ("str", "int", "float") or "[" in p or p.startswith("function-"))
+        label = isinstance(p, str) and (p in _UNION_LABELS or "[" in p or p.startswith("function-"))
         tag = p in ("text", "image_url") and i > 0 and isinstance(loc[i - 1], int) and i + 1 < len(loc)
         if not (label or tag):
             path.append(p)

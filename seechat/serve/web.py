@@ -53,21 +53,24 @@ class Session:
     """The path of the image last sent with a question; a different one in the image box is sent next."""
 
 
-def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
-    """The Gradio Blocks page over `engine` (launch it yourself, or use `main`)."""
-    import gradio as gr
+class WebChat:
+    """The page's event handlers over one engine (plain functions of the page's values, so tests call them)."""
 
-    defaults = defaults or GenerationSettings()
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
 
-    def respond(text, history, session, image_path, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                seed):
-        """Stream one answer into the chat; an error shows as a notice and leaves the chat as it was."""
+    def respond(self, text, history, session, image_path, max_new_tokens, temperature, top_p, top_k,
+                repetition_penalty, seed):
+        """Stream one answer into the chat: yields (chat, question box, session, stats line).
+        An error shows as a notice and leaves the chat as it was."""
+        import gradio as gr
+
         text = (text or "").strip() or (DEFAULT_QUESTION if image_path else "")
         history = list(history or [])
         if not text:
             yield history, "", session, ""
             return
-        session = session or Session(engine.conversation())
+        session = session or Session(self.engine.conversation())
         try:
             settings = GenerationSettings(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
@@ -97,16 +100,28 @@ def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
         reply = session.conversation.last_reply
         shown[-1] = {"role": "assistant", "content": reply.text}
         finish = {"stop": "完 done", "length": "到达上限 hit max tokens"}.get(reply.finish_reason, reply.finish_reason)
-        yield shown, "", session, (f"{reply.seconds:.1f} 秒 s · {reply.completion_tokens} 词元 tokens · {finish}")
+        yield shown, "", session, f"{reply.seconds:.1f} 秒 s · {reply.completion_tokens} 词元 tokens · {finish}"
 
+    @staticmethod
     def new_image():
+        """Start over: no image, no history."""
         return None, [], None, "", ""
 
+    @staticmethod
     def clear_chat(session):
+        """Forget the history; the image in the box goes with the next question again."""
         if session is not None:
             session.conversation.reset()
             session.attached = None
         return [], session, ""
+
+
+def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
+    """The Gradio Blocks page over `engine` (launch it yourself, or use `main`)."""
+    import gradio as gr
+
+    defaults = defaults or GenerationSettings()
+    chat = WebChat(engine)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as page:
         gr.Markdown(f"## {TITLE}\n上传一张图片，然后提问。 Upload an image, then ask about it.")
@@ -137,10 +152,10 @@ def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
                 stats = gr.Markdown(elem_id="stats")
         inputs = [question, chatbot, session, image, max_new, temperature, top_p, top_k, repetition, seed]
         outputs = [chatbot, question, session, stats]
-        send.click(respond, inputs, outputs)
-        question.submit(respond, inputs, outputs)
-        new_btn.click(new_image, None, [image, chatbot, session, question, stats], queue=False)
-        clear_btn.click(clear_chat, [session], [chatbot, session, stats], queue=False)
+        send.click(chat.respond, inputs, outputs)
+        question.submit(chat.respond, inputs, outputs)
+        new_btn.click(chat.new_image, None, [image, chatbot, session, question, stats], queue=False)
+        clear_btn.click(chat.clear_chat, [session], [chatbot, session, stats], queue=False)
     return page
 
 
