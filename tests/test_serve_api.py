@@ -320,6 +320,28 @@ def test_wrong_json_types_get_400_naming_the_field(server, body, status, param):
     assert error["param"] == param and error["message"]
 
 
+@pytest.mark.parametrize("extra, status", [
+    ({"temperature": 1e-300}, 200),  # as good as greedy (dividing logits by it would overflow)
+    ({"top_p": 1e-300, "temperature": 2, "top_k": 10**30, "repetition_penalty": 1e300}, 200),
+    ({"max_tokens": 10**30}, 200),  # the answer stops at the context
+    ({"seed": 2**70}, 400),
+    ({"messages": [{"role": "user", "content": "lone \ud800 surrogate"}]}, 400),
+    ({"stop": "\udfff"}, 400),
+    ({"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}] * 1500
+      + [{"role": "user", "content": "最后"}]}, 200),  # 3,001 messages: old turns are dropped, quickly
+    ({"messages": [{"role": "user", "content": "长" * 70_000}]}, 400),  # over 64 characters per context token
+])
+def test_strange_values_are_answered_or_refused_never_500(server, extra, status):
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3, **extra}
+    response = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body),
+                          headers={"Content-Type": "application/json"}, timeout=WAIT)
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["usage"]["prompt_tokens"] <= 1024
+    else:
+        assert response.json()["error"]["param"] in ("seed", "messages", "messages.0.content", "stop")
+
+
 @pytest.mark.parametrize("content, headers", [
     (b"{not json", {}),
     (b"", {}),

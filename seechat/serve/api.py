@@ -40,6 +40,12 @@ from .scheduler import QueueFull, Scheduler
 
 log = logging.getLogger("seechat")
 
+TEXT_CHARS_PER_TOKEN = 64
+"""Requests with more characters of text than this many per token of the model's context are refused: the
+engine would drop most of it anyway, and tokenizing megabytes would hold the model for everyone."""
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this are taken as 0 (greedy): dividing logits by ~1e-300 overflows."""
+
 
 @dataclass
 class ServeArgs:
@@ -90,6 +96,7 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     defaults = defaults or GenerationSettings()
     name = args.served_model_name or "seechat"
     policy = args.policy()
+    policy.max_text_chars = TEXT_CHARS_PER_TOKEN * engine.model.max_context
     scheduler = Scheduler(engine, args.max_queue)
     body_limit = max(1, policy.max_images) * math.ceil(policy.max_image_bytes * 4 / 3) + 2**20
     created = int(time.time())
@@ -248,13 +255,17 @@ def _settings(req: ChatCompletionRequest, defaults: GenerationSettings) -> Gener
 
     return GenerationSettings(
         max_new_tokens=req.max_completion_tokens or req.max_tokens or defaults.max_new_tokens,
-        temperature=pick(req.temperature, defaults.temperature),
+        temperature=_temperature(pick(req.temperature, defaults.temperature)),
         top_p=pick(req.top_p, defaults.top_p),
         top_k=pick(req.top_k, defaults.top_k),
         repetition_penalty=pick(req.repetition_penalty, defaults.repetition_penalty),
         seed=pick(req.seed, defaults.seed),
         stop=req.stop_list() if req.stop is not None else list(defaults.stop),
     )
+
+
+def _temperature(value: float) -> float:
+    return 0.0 if value < MIN_TEMPERATURE else value
 
 
 def _user_error(exc: SeeChatError) -> APIError:

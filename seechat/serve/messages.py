@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..data.images import MAX_PIXELS, load_image
 from ..data.processor import IMAGE_MARKER
-from .protocol import APIError, ImagePart, Message
+from .protocol import APIError, ImagePart, Message, checked_text
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -44,15 +44,25 @@ class ImagePolicy:
     """file:// URLs are served from under this folder only; None refuses them."""
     allow_remote: bool = False
     remote_timeout: float = 10.0
+    max_text_chars: int | None = None
+    """Most characters of text in one request (None: no limit); the server sets 64 per token of context."""
 
 
 def to_engine(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict], list[Image.Image]]:
-    """The engine's {'role', 'content'} messages (one <image> marker per image) and the decoded images."""
+    """The engine's {'role', 'content'} messages (one <image> marker per image) and the decoded images.
+
+    Limits are checked before any image is decoded: the number of images, then the amount of text."""
     parts = [(i, j, p) for i, m in enumerate(messages) if isinstance(m.content, list)
              for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
     if len(parts) > policy.max_images:
         raise APIError(400, f"the request has {len(parts)} images, over this server's limit of {policy.max_images}: "
                             "send fewer images", param="messages", code="too_many_images")
+    chars = sum(len(m.content) if isinstance(m.content, str) else
+                sum(len(p.text) for p in m.content or [] if not isinstance(p, ImagePart)) for m in messages)
+    if policy.max_text_chars is not None and chars > policy.max_text_chars:
+        raise APIError(400, f"the messages hold {chars:,} characters of text, over this server's limit of "
+                            f"{policy.max_text_chars:,}: shorten the conversation", param="messages",
+                       code="context_length_exceeded")
     out, images = [], []
     for i, m in enumerate(messages):
         role = ROLES[m.role]
@@ -70,7 +80,7 @@ def to_engine(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict],
                                          max_pixels=policy.max_pixels))
                 texts.append(IMAGE_MARKER)
                 continue
-            text = part if isinstance(part, str) else part.text
+            text = checked_text(part if isinstance(part, str) else part.text, where)
             if IMAGE_MARKER in text:
                 raise APIError(400, f"{where}: the text may not contain {IMAGE_MARKER!r}; send images as "
                                     "{'type': 'image_url'} content parts", param=where)

@@ -81,7 +81,7 @@ class ChatCompletionRequest(_Model):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=1)
     # not in the OpenAI API, accepted as vLLM does
     top_k: int | None = Field(default=None, ge=0)
@@ -102,6 +102,8 @@ class ChatCompletionRequest(_Model):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop: give at most 4 non-empty strings", param="stop")
+        for stop in stops:
+            checked_text(stop, "stop")
         return stops
 
 
@@ -125,6 +127,16 @@ def _explain(exc: ValidationError) -> tuple[str, str | None]:
     if path and path[-1] == "content" and len(errors) > 1:
         message = "must be a string or a list of {'type': 'text'} and {'type': 'image_url'} parts"
     return f"{param or 'body'}: {message}", param
+
+
+def checked_text(text: str, where: str) -> str:
+    """`text`, if it is valid Unicode (JSON can carry lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{where}: the text holds an unpaired surrogate (\\ud800-\\udfff), not valid Unicode",
+                       param=where) from None
+    return text
 
 
 # -- responses ------------------------------------------------------------------------------------------
