@@ -363,6 +363,9 @@ def test_unknown_routes_and_methods_get_openai_style_errors(client, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=ask("x", "data:image/png;base64,####"))
     assert "base64" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:  # a stream that cannot start still gets its 4xx status
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "红色" * 1200}], stream=True)
+    assert info.value.code == "context_length_exceeded"
 
 
 # -- auth ----------------------------------------------------------------------------------------------------

@@ -197,12 +197,13 @@ class BearerAuth:
     """ASGI middleware: every HTTP route but /health needs `Authorization: Bearer KEY` (401 otherwise)."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
                 message = ("this server needs an API key: send 'Authorization: Bearer KEY'" if not given
                            else "the API key is not valid")
                 response = JSONResponse(protocol.error_body(message, code="invalid_api_key"), status_code=401,

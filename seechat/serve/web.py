@@ -164,6 +164,8 @@ def main(argv: list[str]) -> int:
         "seechat web", argv, LoadArgs, WebArgs, GenerationSettings, description=__doc__.split("\n")[0]
     )
     setup_logging()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the page listens on %s: anyone who can reach this address can use the model", args.host)
     engine = ChatEngine(load_model(load_args))
     page = build_page(engine, defaults)
     page.queue(default_concurrency_limit=1, max_size=args.max_queue)  # one engine: answers take turns
