@@ -1,6 +1,8 @@
 """The `seechat` command: one table of subcommands, each a function that takes its own arguments.
 
     seechat chat --model DIR --image PHOTO.jpg
+    seechat serve --model DIR --port 8000
+    seechat web --model DIR --port 7860
     seechat --help
 """
 
@@ -18,6 +20,8 @@ COMMANDS = {
     "toyworld": ("seechat.toyworld.cli:main", "build the offline toy world: data, tiny experts, Stage I + II, metrics"),
     "caption": ("seechat.eval.caption:main", "caption every image of a folder into a JSON-lines file (batched)"),
     "eval": ("seechat.eval.cli:main", "evaluate: winrate, caption (CIDEr/BLEU/ROUGE), mcq (MMBench), vqa, toyworld"),
+    "serve": ("seechat.serve.api:main", "an OpenAI-compatible HTTP API (/v1/chat/completions, streaming, images)"),
+    "web": ("seechat.serve.web:main", "a web page: upload an image and chat with it (Gradio, offline)"),
 }
 
 

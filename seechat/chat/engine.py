@@ -147,29 +147,46 @@ class ChatEngine:
         reply.seconds = time.perf_counter() - start
 
     def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply) -> tuple[list[int], int]:
-        """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring)."""
+        """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
+
+        The fewest exchanges to drop are found by bisection, so a long history costs a few renders, not one per
+        exchange (a request with thousands of messages must not hold the engine for minutes).
+        """
         proc, limit = self.model.processor, self.model.max_context
         check_messages(state.messages, len(state.images))
         if state.messages[-1]["role"] != "user":
             raise SeeChatError("the last message must be the user's question")
         reserve = min(settings.max_new_tokens, max(1, limit // 4))
-        while True:
-            ids = proc.render(state.messages, num_images=len(state.images), add_generation_prompt=True).input_ids
-            if len(ids) + reserve <= limit:
-                return ids, min(settings.max_new_tokens, limit - len(ids))
-            span = _oldest_droppable(state.messages)
-            if span is None:
+        spans = _droppable(state.messages)
+
+        def render(k: int) -> list[int]:
+            kept = _without(state.messages, spans[:k])
+            return proc.render(kept, num_images=_count_markers(kept), add_generation_prompt=True).input_ids
+
+        ids, k = render(0), 0
+        if len(ids) + reserve > limit:
+            ids, k = render(len(spans)), len(spans)
+            if len(ids) + reserve > limit:
+                with_image = _count_markers(_without(state.messages, spans)) > 0
                 raise ContextOverflowError(
-                    f"the question{' with its image' if state.images else ''} needs {len(ids)} tokens plus "
+                    f"the question{' with its image' if with_image else ''} needs {len(ids)} tokens plus "
                     f"{reserve} for the answer, over the text expert's context of {limit}: shorten the question, "
                     "lower max_new_tokens or start a new conversation"
                 )
-            start, end = span
+            lo = 1  # the fewest drops that fit lie in [lo, k]
+            while lo < k:
+                mid = (lo + k) // 2
+                trial = render(mid)
+                if len(trial) + reserve <= limit:
+                    ids, k = trial, mid
+                else:
+                    lo = mid + 1
+        for start, end in reversed(spans[:k]):  # newest first, so earlier indices stay valid
             first_image = _count_markers(state.messages[:start])
-            n_images = _count_markers(state.messages[start:end])
-            del state.images[first_image : first_image + n_images]
+            del state.images[first_image : first_image + _count_markers(state.messages[start:end])]
             del state.messages[start:end]
             reply.dropped_messages += end - start
+        return ids, min(settings.max_new_tokens, limit - len(ids))
 
     def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
         todo = [e for e in entries if e.embeds is None]
@@ -362,8 +379,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _oldest_droppable(messages: list[dict]) -> tuple[int, int] | None:
-    """(start, end) of the oldest exchange that may be dropped, or None.
+def _droppable(messages: list[dict]) -> list[tuple[int, int]]:
+    """(start, end) of the exchanges that may be dropped, oldest first.
 
     An exchange is a user message and the answers after it. The current question (the last user
     message) is never dropped, nor the exchange that carries the newest image.
@@ -371,10 +388,12 @@ def _oldest_droppable(messages: list[dict]) -> tuple[int, int] | None:
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     with_image = [i for i in users if IMAGE_MARKER in messages[i]["content"]]
     keep = {users[-1], with_image[-1] if with_image else None}
-    for k, start in enumerate(users[:-1]):
-        if start not in keep:
-            return start, users[k + 1]
-    return None
+    return [(start, users[k + 1]) for k, start in enumerate(users[:-1]) if start not in keep]
+
+
+def _without(messages: list[dict], spans: list[tuple[int, int]]) -> list[dict]:
+    drop = {i for start, end in spans for i in range(start, end)}
+    return [m for i, m in enumerate(messages) if i not in drop]
 
 
 def _count_markers(messages: list[dict]) -> int:

@@ -1,0 +1,156 @@
+"""`seechat web`: the page's handlers over the engine, and the real page driven in headless Chromium.
+
+The browser test needs Debian's chromium (`.ci/run` installs it); it skips, saying why, only when no chromium
+can be found. It also checks that the page asks nothing of any host but the local server (no CDN, no analytics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+import warnings
+
+import httpx
+import pytest
+
+import seechat
+from seechat.chat.engine import ChatEngine
+from seechat.data.images import load_image
+from seechat.serve.web import WebChat
+
+QUESTION = "这是什么颜色？"
+SETTINGS = (8, 0.0, 1.0, 0, 1.0, -1)  # max new tokens, temperature (greedy), top-p, top-k, repetition, seed
+WAIT = 90
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return ChatEngine(seechat.load(tiny_model_dir, device="cpu"))
+
+
+@pytest.fixture
+def images(tmp_path, red, blue):
+    red.save(tmp_path / "red.png")
+    blue.save(tmp_path / "blue.png")
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    return {name: str(tmp_path / f"{name}.png") for name in ("red", "blue", "broken")}
+
+
+def test_answers_stream_into_the_chat_and_each_image_is_sent_once(engine, images):
+    conv = engine.conversation()
+    expected = [conv.ask(QUESTION, image=load_image(images["red"]), max_new_tokens=8),
+                conv.ask("它在哪里？", max_new_tokens=8),
+                conv.ask("这个呢？", image=load_image(images["blue"]), max_new_tokens=8)]
+    chat = WebChat(engine)
+
+    updates = list(chat.respond(QUESTION, [], None, images["red"], *SETTINGS))
+    history, box, session, stats = updates[-1]
+    partial = [u[0][-1]["content"] for u in updates[:-1]]
+    assert len(partial) > 1 and all(expected[0].startswith(p) for p in partial)  # it streamed, piece by piece
+    assert history == [{"role": "user", "content": {"path": images["red"]}}, {"role": "user", "content": QUESTION},
+                       {"role": "assistant", "content": expected[0]}]
+    assert box == "" and "8 词元 tokens" in stats
+
+    history, _, session, _ = list(chat.respond("它在哪里？", history, session, images["red"], *SETTINGS))[-1]
+    assert history[-2:] == [{"role": "user", "content": "它在哪里？"}, {"role": "assistant", "content": expected[1]}]
+    history, _, session, _ = list(chat.respond("这个呢？", history, session, images["blue"], *SETTINGS))[-1]
+    assert history[-3]["content"] == {"path": images["blue"]} and history[-1]["content"] == expected[2]
+    assert len(history) == 8
+
+    history, session, stats = chat.clear_chat(session)  # the image in the box goes with the next question again
+    again = list(chat.respond(QUESTION, history, session, images["red"], *SETTINGS))[-1][0]
+    assert again[0] == {"role": "user", "content": {"path": images["red"]}} and again[-1]["content"] == expected[0]
+    assert WebChat.new_image() == (None, [], None, "", "")
+
+
+def test_a_broken_image_leaves_the_chat_as_it_was(engine, images):
+    chat = WebChat(engine)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        history, box, session, _ = list(chat.respond("hi", [], None, images["broken"], *SETTINGS))[-1]
+    assert history == [] and box == "hi"
+    history, _, session, _ = list(chat.respond("hi", [], session, None, *SETTINGS))[-1]
+    assert [m["role"] for m in history] == ["user", "assistant"]  # text-only chat works
+
+
+# -- the page in a browser --------------------------------------------------------------------------------------
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _letters(text: str) -> str:
+    """Letters and digits only: what survives the page's markdown rendering of a noisy answer unchanged."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN")
+
+
+@pytest.fixture(scope="module")
+def web_page(tiny_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "-m", "seechat", "web", "--model", str(tiny_model_dir), "--port", str(port),
+           "--max-new-tokens", "8"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + WAIT
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "seechat web did not come up"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=WAIT)
+
+
+def test_the_page_in_headless_chromium_uploads_an_image_and_streams_an_answer(web_page, engine, images):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium on this machine: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    expected = engine.ask(load_image(images["red"]), QUESTION, max_new_tokens=8)
+    hosts = set()
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: hosts.add(r.url.split("/")[2] if "://" in r.url else r.url.split(":")[0]))
+            page.goto(web_page, wait_until="load")
+            for label in ("图片 Image", "问题 Question", "发送 Send", "新图片 New image", "清空对话 Clear chat",
+                          "生成设置 Generation settings"):
+                page.get_by_text(label).first.wait_for(state="visible", timeout=WAIT * 1000)
+            page.locator("#image input[type=file]").set_input_files(images["red"])
+            page.locator("#image img").first.wait_for(timeout=WAIT * 1000)  # the upload arrived
+            page.locator("#question textarea").fill(QUESTION)
+            page.locator("#send").click()
+            page.wait_for_function("document.querySelector('#stats').innerText.includes('tokens')",
+                                   timeout=WAIT * 1000)
+            bubbles = page.locator("#chat .message-row").all_inner_texts()
+            stats = page.locator("#stats").inner_text()
+        finally:
+            browser.close()
+    assert "8 词元 tokens" in stats
+    assert _letters(bubbles[-1]) == _letters(expected) and _letters(expected)
+    assert QUESTION in "".join(bubbles[:-1])
+    assert hosts <= {web_page.split("/")[2], "data", "blob"}, hosts  # nothing from outside this machine
