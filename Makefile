@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The toy world: data, tiny experts, Stage I + II, metrics (a few minutes on 2 cores; a rerun reuses it), then a chat.
+DEMO_IMAGE := runs/toyworld/data/test/images/00003.png
 demo: setup
-	$(PY) -m seechat.tiny runs/tiny
-	printf '这是什么颜色？\nbreak\n' | $(VENV)/bin/seechat chat --model runs/tiny/model --image runs/tiny/sample.png --max-new-tokens 16
+	$(VENV)/bin/seechat toyworld build --out runs/toyworld
+	@if [ -t 0 ]; then \
+		$(VENV)/bin/seechat chat --model runs/toyworld/model --image $(DEMO_IMAGE) --max-new-tokens 32; \
+	else \
+		printf '这个形状是什么颜色？\nexit\n' | $(VENV)/bin/seechat chat --model runs/toyworld/model --image $(DEMO_IMAGE) --max-new-tokens 32; \
+	fi
 
 bench: setup
 	$(PY) bench/run.py

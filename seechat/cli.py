@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from .errors import SeeChatError
 
 log = logging.getLogger("seechat")
+TOY_MODEL = "runs/toyworld/model"
 
 
 @dataclass
 class LoadArgs:
     """Where the model is and how to place it."""
 
-    model: str = field(default="", metadata={"help": "A seechat model directory."})
+    model: str = field(default="", metadata={"help": f"A seechat model directory (default: the toy model, {TOY_MODEL})."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when present)."})
     dtype: str = field(default="auto", metadata={"help": "fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)."})
     trust_remote_code: bool = field(
@@ -80,7 +81,10 @@ def load_model(args: LoadArgs):
     from . import load
 
     if not args.model:
-        raise SeeChatError("give a model directory with --model DIR")
+        if not os.path.isfile(os.path.join(TOY_MODEL, "seechat.json")):
+            raise SeeChatError(f"no --model given and the toy model ({TOY_MODEL}) is not built yet: build it with "
+                               "`seechat toyworld build` (or `make demo`), or give --model DIR")
+        args.model = TOY_MODEL
     quiet_hf()
     start = time.perf_counter()
     model = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

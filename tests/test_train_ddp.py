@@ -38,7 +38,7 @@ def _config(experts, data, out, batch):
 def _run(cmd, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
 
 
 def test_two_ranks_shard_data_sync_gradients_and_match_one_process(experts, train_data, tmp_path):

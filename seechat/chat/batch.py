@@ -33,11 +33,15 @@ def generate_batch(
     images: list,
     prompts: list[str] | str,
     settings: GenerationSettings | None = None,
+    *,
+    histories: list[list] | None = None,
     **kwargs,
 ) -> list[Reply]:
     """Answer `prompts[i]` about `images[i]` (a path, bytes, a PIL image or None) for every i, in one batch.
 
-    A single string prompt is asked about every image. Returns one Reply per row, in order.
+    A single string prompt is asked about every image. `histories[i]`, when given, is a list of earlier
+    [question, answer] pairs of row i's conversation (the image goes with its first question). Returns one
+    Reply per row, in order.
     """
     settings = settings or GenerationSettings(**kwargs)
     if isinstance(prompts, str):
@@ -47,7 +51,10 @@ def generate_batch(
     if not prompts:
         return []
     pil = [None if im is None else im if isinstance(im, Image.Image) else load_image(im) for im in images]
-    rows = [_render(model, text, im is not None) for text, im in zip(prompts, pil)]
+    histories = histories or [[] for _ in prompts]
+    if len(histories) != len(prompts):
+        raise SeeChatError(f"generate_batch got {len(prompts)} prompts but {len(histories)} histories")
+    rows = [_render(model, text, im is not None, history) for text, im, history in zip(prompts, pil, histories)]
     max_new = _room(model, rows, settings)
 
     tok = model.tokenizer
@@ -90,14 +97,17 @@ def generate_batch(
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def _render(model: SeeChat, text: str, with_image: bool) -> list[int]:
-    """The prompt ids of a fresh one-question conversation, as the chat engine renders it."""
-    if "<image>" in text:
-        raise SeeChatError("the text may not contain '<image>': pass the image separately")
-    content = (IMAGE_PREFIX + text) if with_image else text
-    return model.processor.render(
-        [{"role": "user", "content": content}], num_images=int(with_image), add_generation_prompt=True
-    ).input_ids
+def _render(model: SeeChat, text: str, with_image: bool, history: list | None = None) -> list[int]:
+    """The prompt ids of the conversation (history, then the question), as the chat engine renders it."""
+    messages = []
+    for question, answer in [*(history or []), (text, None)]:
+        if "<image>" in question or (answer and "<image>" in answer):
+            raise SeeChatError("the text may not contain '<image>': pass the image separately")
+        first = not messages
+        messages.append({"role": "user", "content": (IMAGE_PREFIX + question) if with_image and first else question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return model.processor.render(messages, num_images=int(with_image), add_generation_prompt=True).input_ids
 
 
 def _room(model: SeeChat, rows: list[list[int]], settings: GenerationSettings) -> int:

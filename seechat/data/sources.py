@@ -205,7 +205,7 @@ class IndexedSource:
             return messages_record(item, where)
         if not isinstance(item, dict):
             raise BadSample("not a JSON object")
-        rng = random.Random(f"{self.seed}:{where}")
+        rng = random.Random(f"{self.seed}:{Path(self.source.path).name}:{i}")  # not the full path: a moved dataset draws the same prompts
         return caption_record(item.get("caption"), item.get("image"), where, self.prompts, rng)
 
     def text_length(self, i: int) -> int:

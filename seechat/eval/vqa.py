@@ -5,11 +5,13 @@
 The data file has one JSON object per line:
 
     {"image": "<path relative to the data file's folder>", "question": "...", "answer": "...",
-     "type": "<question type, optional>", "id": "<optional; default the line number>"}
+     "type": "<question type, optional>", "id": "<optional; default the line number>",
+     "history": [["<an earlier question>", "<its answer>"], ...]   (optional: a follow-up question)}
 
 --data may also be a folder holding qa.jsonl, such as a toy-world split (runs/toyworld/data/heldout_combos).
-Each question is asked about its image in a fresh conversation, greedily (batched; the answers equal the
-chat engine's). A prediction is an exact match when it equals the answer after stripping surrounding
+Each question is asked about its image in a fresh conversation (after its history, if any: the image goes
+with the first question and the history's answers are the given ones), greedily (batched; the answers equal
+the chat engine's). A prediction is an exact match when it equals the answer after stripping surrounding
 whitespace; it is a normalized match when the two are equal after `normalize` (below). Writes
 OUT/results.jsonl (one line per question, with the prediction) and OUT/metrics.json (and metrics.md).
 An unreadable image is listed, its questions are left out of the accuracy and counted in n_unreadable.
@@ -105,6 +107,7 @@ def read_questions(path: str) -> list[dict]:
             "question": get_field(obj, "question", path, number),
             "answer": str(get_field(obj, "answer", path, number, kind=(str, int, float))),
             "type": str(obj.get("type") or NO_TYPE),
+            "history": _history(obj.get("history"), path, number),
         })
     if not items:
         raise DataError(f"the questions file '{path}' has no questions: each line needs image, question, answer")
@@ -128,7 +131,8 @@ def run_vqa(model, items: list[dict], out: Path, *, batch_size: int = 8, max_new
                 ready.append(k)
                 images.append(image)
         if ready:
-            replies = generate_batch(model, images, [items[k]["question"] for k in ready], settings)
+            replies = generate_batch(model, images, [items[k]["question"] for k in ready], settings,
+                                     histories=[items[k].get("history") or [] for k in ready])
             for k, reply in zip(ready, replies):
                 results[k] = _row(items[k], reply.text)
         bar.update(min(batch_size, len(items) - start))
@@ -185,6 +189,16 @@ def summary_line(metrics: dict) -> str:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _history(value, path: str, number: int) -> list[list[str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in value
+    ):
+        raise DataError(f"{path}:{number}: 'history' must be a list of [question, answer] string pairs")
+    return value
+
+
 def _image(path: Path, name: str, cache: dict, keep: int = 64):
     """The image, or the reason it cannot be read; the last `keep` images stay decoded (questions about one
     image usually come together)."""

@@ -41,20 +41,22 @@ class Plan:
     n_val: int = 100
     n_test: int = 120
     n_heldout: int = 60
-    clip_steps: int = 600
-    clip_batch: int = 128
-    lm_steps: int = 500
-    lm_batch: int = 48
-    align_steps: int = 150
+    clip_steps: int = 900
+    clip_batch: int = 32
+    lm_steps: int = 200
+    lm_batch: int = 32
+    align_steps: int = 200
     align_batch: int = 32
-    instruct_steps: int = 300
+    instruct_steps: int = 900
     instruct_batch: int = 16
+    instruct_llm: str = "full"
     feature_layer: int = -1
+    keep_cls: bool = True
 
 
 FULL = Plan()
-QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=150, clip_batch=96, lm_steps=120,
-             lm_batch=32, align_steps=40, align_batch=16, instruct_steps=60, instruct_batch=16)
+QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=300, clip_batch=32, lm_steps=40,
+             lm_batch=32, align_steps=60, align_batch=16, instruct_steps=320, instruct_batch=8)
 
 
 def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None) -> dict:
@@ -129,7 +131,6 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
 
 
 def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
-    import torch
     from transformers import CLIPImageProcessor
 
     from .experts import ExpertSizes, make_tokenizers, train_clip
@@ -140,11 +141,9 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
                                    crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE})
     images = [Image_open(out / "data" / "train" / f"images/{i:05d}.png") for i in range(len(scenes))]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    attrs = torch.tensor([[list(world.COLOURS).index(s.main.colour), list(world.SHAPES).index(s.main.kind),
-                           list(world.POSITIONS).index(s.main.position)] for s in scenes])
-    losses = train_clip(out / "clip", pixels, [s.caption() for s in scenes], clip_tok, sizes=ExpertSizes(),
-                        steps=plan.clip_steps, batch=plan.clip_batch, seed=seed, image_processor=processor,
-                        attributes=attrs)
+    attributes = [(s.main.colour, s.main.kind, s.main.position) for s in scenes]
+    losses = train_clip(out / "clip", pixels, attributes, clip_tok, sizes=ExpertSizes(), steps=plan.clip_steps,
+                        batch=plan.clip_batch, seed=seed, image_processor=processor)
     tok.save_pretrained(out / "tokenizer")
     _losses(out, "vision", losses)
 
@@ -167,7 +166,8 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
 
     cfg = {
         "output_dir": str(out / "align"),
-        "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer},
+        "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
+                             "keep_cls": plan.keep_cls},
                   "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")}},
         "data": {"train": [{"path": str(out / "data/train/captions.jsonl")}],
                  "prompts": world.QUESTIONS["description"], "max_length": 256},
@@ -188,9 +188,10 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
         "init_from": str(out / "align" / "model"),
         "data": {"train": [{"path": str(out / "data/train/conversations.json")}],
                  "eval": [{"path": str(out / "data/val/conversations.json")}], "max_length": 256},
+        "parts": {"llm": plan.instruct_llm},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
         "training": {"max_steps": plan.instruct_steps, "per_device_train_batch_size": plan.instruct_batch,
-                     "learning_rate": 2e-3, "warmup_steps": 0.05, "logging_steps": 10,
+                     "learning_rate": 2e-3 if plan.instruct_llm == "lora" else 1e-3, "warmup_steps": 0.05, "logging_steps": 10,
                      "save_steps": plan.instruct_steps, "eval_strategy": "steps",
                      "eval_steps": max(10, plan.instruct_steps // 3), "per_device_eval_batch_size": 32, "seed": seed},
         "overwrite": True,
@@ -200,17 +201,13 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
 
 def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
     from .. import load
-    from ..chat.engine import ChatEngine
     from .evaluate import evaluate_split
 
     model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
     shutil.rmtree(out / "model", ignore_errors=True)
     model.save(out / "model")
-    engine = ChatEngine(model)
-    test = evaluate_split(engine, out / "data" / "test", desc="test")
-    held = evaluate_split(engine, out / "data" / "heldout_combos", desc="heldout_combos")
-    for name, result in (("test", test), ("heldout_combos", held)):
-        _jsonl(out / f"predictions_{name}.jsonl", result["results"])
+    test = evaluate_split(model, out / "data" / "test", out / "eval" / "test")
+    held = evaluate_split(model, out / "data" / "heldout_combos", out / "eval" / "heldout_combos")
     metrics = {
         "test_accuracy": round(test["accuracy"], 4),
         "per_type": {k: round(v, 4) for k, v in test["per_type"].items()},
@@ -247,10 +244,12 @@ def _losses(out: Path, name: str, losses: list[float], steps: list[int] | None =
 
 def _all_texts(seed: int) -> list[str]:
     """Every string the world can say, for the tokenizers' vocabulary."""
-    texts = [f"一个{c}的{k}在{p}。" for c in world.COLOURS for k in world.SHAPES for p in world.POSITIONS]
+    from .experts import text_views
+
+    texts = [t for c in world.COLOURS for k in world.SHAPES for p in world.POSITIONS for t, _ in text_views(c, k, p)]
     texts += [q for qs in world.QUESTIONS.values() for q in qs] + list(world.FOLLOWUP.values())
     texts += [t.format(x) for t in world.YESNO.values() for x in [*world.COLOURS, *world.SHAPES, *world.POSITIONS]]
-    return texts + ["是的。不是。"]
+    return texts + ["它是红色的，所以是的。它在中间，所以不是。"]
 
 
 def Image_open(path: Path):

@@ -55,10 +55,29 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_clip(out: Path, pixels: torch.Tensor, captions: list[str], tokenizer, *, sizes: ExpertSizes, steps: int,
-               batch: int, seed: int, lr: float = 2e-3, image_processor=None, logit_scale: float | None = None
-               ) -> list[float]:
-    """Contrastive training with every same-caption pair in a batch counted as a match; saves a CLIPModel."""
+def text_views(colour: str, kind: str, position: str) -> list[tuple[str, tuple]]:
+    """Descriptions of one picture at several levels of detail, each with the attributes it names.
+
+    Besides whole captions the vision expert also learns to match partial ones ("红色。", "在左上角。"),
+    which makes it pick up each attribute on its own, and quickly.
+    """
+    return [
+        (f"一个{colour}的{kind}在{position}。", (colour, kind, position)),
+        (f"一个{colour}的{kind}。", (colour, kind, None)),
+        (f"{colour}。", (colour, None, None)),
+        (f"{kind}。", (None, kind, None)),
+        (f"在{position}。", (None, None, position)),
+    ]
+
+
+def train_clip(out: Path, pixels: torch.Tensor, attributes: list[tuple[str, str, str]], tokenizer, *,
+               sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
+               full_caption_share: float = 0.5, position_std: float = 0.5) -> list[float]:
+    """Contrastive training of a CLIPModel on (picture, description) pairs; saves it with its tokenizer.
+
+    Each picture in a batch is paired with its whole caption (half the time) or a partial description;
+    every picture a description fits counts as a match for it (several per row and column).
+    """
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
@@ -73,30 +92,42 @@ def train_clip(out: Path, pixels: torch.Tensor, captions: list[str], tokenizer, 
         projection_dim=64,
     )
     model = CLIPModel(config)
-    if logit_scale is not None:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(logit_scale))
-    unique = sorted(set(captions))
-    index = {c: i for i, c in enumerate(unique)}
-    cap_ids = torch.tensor([index[c] for c in captions])
-    enc = tokenizer(unique, padding=True, return_tensors="pt")
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    with torch.no_grad():
+        # Hugging Face initialises position embeddings at std 0.02, far below the patch embeddings, so where
+        # a shape sits is nearly invisible at first and position is learned last; start them comparable.
+        emb = model.vision_model.embeddings
+        emb.position_embedding.weight.normal_(std=position_std)
+    views = {}
+    for colour in world.COLOURS:
+        for kind in world.SHAPES:
+            for position in world.POSITIONS:
+                for text, named in text_views(colour, kind, position):
+                    views[text] = named
+    texts = sorted(views)
+    named = [views[t] for t in texts]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    image_attrs = list(attributes)
+    view_index = {t: i for i, t in enumerate(texts)}
+    per_image = [[view_index[t] for t, _ in text_views(*a)] for a in image_attrs]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="vision expert (CLIP)", unit="step", leave=False):
-        pick = torch.randint(0, len(captions), (batch,), generator=gen)
-        ids = cap_ids[pick]
+        pick = torch.randint(0, len(image_attrs), (batch,), generator=gen).tolist()
+        full = torch.rand(batch, generator=gen) < full_caption_share
+        choice = torch.randint(1, 5, (batch,), generator=gen).tolist()
+        ids = [per_image[i][0 if f else c] for i, f, c in zip(pick, full.tolist(), choice)]
         out_ = model(input_ids=enc.input_ids[ids], attention_mask=enc.attention_mask[ids], pixel_values=pixels[pick])
         logits = out_.logits_per_image
-        same = (ids[:, None] == ids[None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        fits = torch.tensor([[all(n is None or n == a for n, a in zip(named[t], image_attrs[i])) for t in ids]
+                             for i in pick], dtype=torch.float)
+        loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
+                + F.cross_entropy(logits.t(), fits.t() / fits.t().sum(1, keepdim=True))) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())

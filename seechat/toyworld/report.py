@@ -48,7 +48,7 @@ def write_report(out: Path, metrics: dict) -> Path:
                          f"{'' if held is None else f'{held:.1%}'} |")
     lines += ["", "## Sample test pictures and the model's answers", "", f"![answers]({grid.name})", "",
               "## Loss curves", "", f"![losses]({losses.name})", "",
-              "Predictions: `predictions_test.jsonl`, `predictions_heldout_combos.jsonl`. "
+              "Predictions: `eval/test/results.jsonl`, `eval/heldout_combos/results.jsonl`. "
               "Chat with the model: `seechat chat --model " + str(out / "model") + "`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -81,7 +81,7 @@ def _plot_grid(out: Path, n: int = 12) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    rows = [json.loads(line) for line in open(out / "predictions_test.jsonl", encoding="utf-8")]
+    rows = [json.loads(line) for line in open(out / "eval" / "test" / "results.jsonl", encoding="utf-8")]
     by_image: dict[str, dict] = {}
     for r in rows:
         by_image.setdefault(r["image"], {})[r["type"]] = r
@@ -94,7 +94,7 @@ def _plot_grid(out: Path, n: int = 12) -> Path:
         for qtype in ("description", "colour", "shape", "position"):
             r = answers.get(qtype)
             if r:
-                mark = "✓" if r["correct"] else "✗"
+                mark = "✓" if r.get("exact") else "✗"
                 said = r["prediction"] if font else world.gloss(r["prediction"])
                 text.append(f"{mark} {said}")
         ax.set_title("\n".join(text), fontsize=9, fontfamily=font or "DejaVu Sans")

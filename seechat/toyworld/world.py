@@ -35,7 +35,7 @@ POSITIONS = {  # name -> (centre as a fraction of the image, English)
     "右下角": ((0.73, 0.73), "bottom right"),
 }
 ENGLISH = {**{k: v[1] for k, v in COLOURS.items()}, **SHAPES, **{k: v[1] for k, v in POSITIONS.items()},
-           "是的": "yes", "不是": "no"}
+           "所以是的": "so yes", "所以不是": "so no", "它是": "it is", "它在": "it is at"}
 
 QUESTIONS = {
     "colour": ["这个形状是什么颜色？", "图中物体是什么颜色？", "它是什么颜色的？"],
@@ -161,12 +161,15 @@ def questions(scene: Scene, rng: random.Random) -> list[dict]:
 
 
 def yesno(scene: Scene, rng: random.Random) -> dict:
+    """A yes/no question; the answer first says what is there, then whether the question got it right."""
     attr = rng.choice(list(YESNO))
     s = scene.main
     truth = {"colour": s.colour, "shape": s.kind, "position": s.position}[attr]
     pool = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}[attr]
     asked = truth if rng.random() < 0.5 else rng.choice([p for p in pool if p != truth])
-    return {"type": "yesno", "question": YESNO[attr].format(asked), "answer": "是的。" if asked == truth else "不是。"}
+    fact = {"colour": f"它是{truth}的", "shape": f"它是{truth}", "position": f"它在{truth}"}[attr]
+    verdict = "是的" if asked == truth else "不是"
+    return {"type": "yesno", "question": YESNO[attr].format(asked), "answer": f"{fact}，所以{verdict}。"}
 
 
 def followup(scene: Scene, rng: random.Random) -> dict:
@@ -178,10 +181,14 @@ def followup(scene: Scene, rng: random.Random) -> dict:
 
 
 def conversation(scene: Scene, rng: random.Random) -> list[dict]:
-    """A training conversation: 2-4 turns mixing every kind of question, follow-ups included."""
-    turns = questions(scene, rng)
+    """A training conversation: 2-4 turns mixing every kind of question, follow-ups included.
+
+    Yes/no questions, which need a comparison, come in every conversation (twice in one of three).
+    """
+    turns = [t for t in questions(scene, rng) if t["type"] != "yesno"]
     rng.shuffle(turns)
-    turns = turns[: rng.randint(2, 4)]
+    turns = turns[: rng.randint(1, 3)] + [yesno(scene, rng) for _ in range(1 + (rng.random() < 1 / 3))]
+    rng.shuffle(turns)
     asked = {t["type"] for t in turns}
     left = [k for k in FOLLOWUP if k not in asked]
     if left and rng.random() < 0.6:
