@@ -205,7 +205,7 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
 
     model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
     shutil.rmtree(out / "model", ignore_errors=True)
-    model.save(out / "model")
+    model.save(out / "model", llm_weights="full" if plan.instruct_llm == "full" else "auto")  # self-contained
     test = evaluate_split(model, out / "data" / "test", out / "eval" / "test")
     held = evaluate_split(model, out / "data" / "heldout_combos", out / "eval" / "heldout_combos")
     metrics = {

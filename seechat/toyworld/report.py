@@ -87,7 +87,9 @@ def _plot_grid(out: Path, n: int = 12) -> Path:
         by_image.setdefault(r["image"], {})[r["type"]] = r
     font = cjk_font()
     fig, axes = plt.subplots(3, 4, figsize=(12, 10), dpi=90)
-    for ax, (image, answers) in zip(axes.flat, list(by_image.items())[:n]):
+    chosen = list(by_image.items())
+    chosen = chosen[:: max(1, len(chosen) // n)][:n]  # spread over the split, so every colour shows up
+    for ax, (image, answers) in zip(axes.flat, chosen):
         ax.imshow(Image.open(out / "data" / "test" / image))
         ax.axis("off")
         text = []
