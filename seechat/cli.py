@@ -24,6 +24,14 @@ class LoadArgs:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code shipped with the text expert to run (only if you trust it)."}
     )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the text expert in 8 bits (bitsandbytes, CUDA)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the text expert in 4 bits, NF4 (bitsandbytes, CUDA)."})
+
+    @property
+    def quantize(self) -> str | None:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise SeeChatError("choose one of --load-in-8bit and --load-in-4bit")
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
 
 
 def parse(prog: str, argv: list[str], *groups, description: str | None = None):
@@ -87,6 +95,7 @@ def load_model(args: LoadArgs):
         args.model = TOY_MODEL
     quiet_hf()
     start = time.perf_counter()
-    model = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                 quantize=args.quantize)
     log.info("loaded %s in %.1fs (%s, %s)", args.model, time.perf_counter() - start, model.device, model.dtype)
     return model

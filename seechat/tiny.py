@@ -20,6 +20,7 @@ from .templates import TEMPLATES, get_template
 CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 LLM_ARCHS = ("qwen2", "llama", "glm")
+MORE_LLM_ARCHS = ("qwen3",)  # built on request (recipes), not in every parametrised test
 VISION_ARCHS = ("clip", "chinese_clip", "siglip", "blip2")
 
 
@@ -59,14 +60,18 @@ def sample_texts() -> list[str]:
 
 
 def tiny_llm(out: str | os.PathLike, arch: str = "qwen2", *, tokenizer=None, hidden: int = 64, layers: int = 2,
-             heads: int = 4, max_positions: int = 1024, seed: int = 0, template: str | None = None) -> Path:
+             heads: int = 4, max_positions: int = 1024, seed: int = 0, template: str | None = None,
+             extra_tokens: tuple[str, ...] = ("<image>",)) -> Path:
     """Save a randomly initialised causal LM of `arch` with a trained tokenizer to `out`."""
-    from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    if arch not in LLM_ARCHS:
-        raise ValueError(f"arch must be one of {LLM_ARCHS}")
+    if arch not in LLM_ARCHS + MORE_LLM_ARCHS:
+        raise ValueError(f"arch must be one of {LLM_ARCHS + MORE_LLM_ARCHS}")
     template = template or {"glm": "glm4"}.get(arch, "chatml")
-    tokenizer = tokenizer or train_tokenizer(sample_texts(), template=template)
+    tokenizer = tokenizer or train_tokenizer(sample_texts(), template=template, extra_tokens=extra_tokens)
     ids = {
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -82,6 +87,8 @@ def tiny_llm(out: str | os.PathLike, arch: str = "qwen2", *, tokenizer=None, hid
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=hidden // heads))
     else:
         model = GlmForCausalLM(GlmConfig(**common, head_dim=hidden // heads))
     out = Path(out)
@@ -91,7 +98,8 @@ def tiny_llm(out: str | os.PathLike, arch: str = "qwen2", *, tokenizer=None, hid
 
 
 def tiny_vision(out: str | os.PathLike, arch: str = "clip", *, hidden: int = 32, layers: int = 2, heads: int = 2,
-                image_size: int = 32, patch_size: int = 8, seed: int = 0, text_vocab: int = 100) -> Path:
+                image_size: int = 32, patch_size: int = 8, seed: int = 0, text_vocab: int = 100,
+                num_query_tokens: int = 8) -> Path:
     """Save a randomly initialised full checkpoint of `arch` (vision + text towers) and its image processor."""
     from transformers import (
         Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessor, ChineseCLIPConfig, ChineseCLIPImageProcessor,
@@ -122,7 +130,7 @@ def tiny_vision(out: str | os.PathLike, arch: str = "clip", *, hidden: int = 32,
         opt = dict(model_type="opt", hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=1,
                    num_attention_heads=heads, vocab_size=text_vocab, word_embed_proj_dim=hidden)
         model = Blip2ForConditionalGeneration(
-            Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt, num_query_tokens=8)
+            Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt, num_query_tokens=num_query_tokens)
         )
         processor = BlipImageProcessor(size=size)
     out = Path(out)

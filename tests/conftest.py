@@ -92,3 +92,12 @@ def train_data(tmp_path_factory):
     lines = [json.dumps(c, ensure_ascii=False) for c in captions[:7] + bad] + ["{not json"]
     (root / "mixed_bad.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_toyworld(tmp_path_factory):
+    """A `seechat toyworld build --quick` output (about a minute), shared by the tests that need a trained model."""
+    from seechat.toyworld.build import build
+
+    out = tmp_path_factory.mktemp("toyworld") / "toy"
+    return out, build(out, seed=0, quick=True)

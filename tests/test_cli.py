@@ -113,3 +113,16 @@ def test_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     assert "chat" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
+
+
+def test_quantised_loading_on_the_cpu_is_a_clear_error(tiny_model_dir, capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = _run(["chat", "--model", str(tiny_model_dir), "--prompt", "x", "--load-in-4bit"], capsys,
+                          monkeypatch)
+    assert code == 2 and "--load-in-4bit needs a CUDA GPU" in err
+    code, out, err = _run(["chat", "--model", str(tiny_model_dir), "--prompt", "x", "--load-in-4bit",
+                           "--load-in-8bit"], capsys, monkeypatch)
+    assert code == 2 and "choose one of" in err

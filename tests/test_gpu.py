@@ -21,3 +21,59 @@ def test_multi_turn_generation_on_cuda(experts, red, dtype):
     conv.ask("什么颜色？", max_new_tokens=8)
     assert first.completion_tokens >= 1 and conv.last_reply.completion_tokens >= 1
     assert conv.last_reply.prefill_tokens < conv.last_reply.prompt_tokens - first.prompt_tokens + 2
+
+
+needs_bnb = pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
+                               reason="needs bitsandbytes (pip install bitsandbytes)")
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantised_text_expert_loads_and_answers(experts, tmp_path, red, bits):
+    model = seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cpu")
+    model.save(tmp_path / "m")
+    quantized = seechat.load(tmp_path / "m", device="cuda", dtype="bf16", quantize=bits)
+    assert getattr(quantized.llm, "is_quantized", False)
+    conv = ChatEngine(quantized).conversation()
+    conv.ask("这是什么？", image=red, max_new_tokens=6)
+    assert conv.last_reply.completion_tokens >= 1
+
+
+@needs_bnb
+def test_qlora_stage2_trains(experts, train_data, tmp_path):
+    import yaml
+
+    from seechat.train.config import load_config
+    from seechat.train.run import train
+
+    model = seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cpu")
+    model.save(tmp_path / "stage1")
+    cfg = {"output_dir": str(tmp_path / "qlora"), "init_from": str(tmp_path / "stage1"), "quantize": "4bit",
+           "data": {"train": [{"path": str(train_data / "llava.json")}]},
+           "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+           "training": {"max_steps": 3, "per_device_train_batch_size": 4, "bf16": True, "report_to": "none",
+                        "logging_steps": 1}}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    result = train("instruct", load_config(str(tmp_path / "q.yaml"), []))
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert (result.model_dir / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_bf16_training_steps_on_cuda(experts, train_data, tmp_path):
+    import yaml
+
+    from seechat.train.config import load_config
+    from seechat.train.run import train
+
+    cfg = {"output_dir": str(tmp_path / "bf16"),
+           "model": {"vision": {"name_or_path": str(experts["vision"]["clip"])},
+                     "llm": {"name_or_path": str(experts["llm"]["qwen2"])}},
+           "data": {"train": [{"path": str(train_data / "captions.jsonl")}]},
+           "training": {"max_steps": 4, "per_device_train_batch_size": 4, "bf16": True, "report_to": "none",
+                        "logging_steps": 1, "learning_rate": 5e-3}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    result = train("align", load_config(str(tmp_path / "b.yaml"), []))
+    assert next(result.trainer.model.parameters()).device.type == "cuda"
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]

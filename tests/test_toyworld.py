@@ -51,9 +51,8 @@ def test_language_is_consistent_with_the_scene():
     assert x0 > 32 and y0 > 32 and 18 <= x1 - x0 <= 30  # the box a grounding answer would give
 
 
-def test_quick_build_learns_and_a_second_run_reuses_it(tmp_path):
-    out = tmp_path / "toy"
-    metrics = build(out, seed=0, quick=True)
+def test_quick_build_learns_and_a_second_run_reuses_it(quick_toyworld):
+    out, metrics = quick_toyworld
     for name in ("model/seechat.json", "clip/config.json", "clip/tokenizer.json", "llm/config.json",
                  "data/test/qa.jsonl", "data/test/captions.jsonl", "data/heldout_combos/qa.jsonl",
                  "data/train/conversations.json", "report.md", "report_grid.png", "report_losses.png",

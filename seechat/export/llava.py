@@ -77,3 +77,54 @@ def to_llava(model: SeeChat):
     llava = LlavaForConditionalGeneration(config).to(model.dtype)
     llava.load_state_dict(state, strict=True)
     return llava.eval()
+
+
+def export_llava(model: SeeChat, out) -> None:
+    """Write `out` as a transformers LLaVA directory: config, weights (safetensors), processor, chat template."""
+    from pathlib import Path
+
+    from huggingface_hub import save_torch_state_dict
+    from transformers import LlavaProcessor
+
+    out = Path(out)
+    config, state = llava_parts(model)
+    out.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(out)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_torch_state_dict(state, out, max_shard_size="5GB")
+    gen = getattr(model.llm, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = model.stop_token_ids or gen.eos_token_id
+        gen.save_pretrained(out)
+    vision = model.vision
+    processor = LlavaProcessor(
+        image_processor=model.processor.image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=vision.model.config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token=model.config.image_token,
+        num_additional_image_tokens=int(vision.has_cls),
+        chat_template=llava_chat_template(model),
+    )
+    processor.save_pretrained(out)
+
+
+def llava_chat_template(model: SeeChat) -> str:
+    """The model's chat template, taught OpenAI-style content lists ({"type": "image"} / {"type": "text"}).
+
+    An image part becomes image_start + image token + image_end and a newline, in front of the text that
+    follows: the same placement seechat uses, so a serving engine builds the prompts seechat was trained on.
+    """
+    image = model.config.image_start + model.config.image_token + model.config.image_end
+    macro = (
+        "{%- macro seechat_content(content) -%}"
+        "{%- if content is string -%}{{- content | replace('<image>', " + repr(image) + ") -}}"
+        "{%- else -%}{%- for part in content -%}"
+        "{%- if part['type'] in ('image', 'image_url') -%}{{- " + repr(image + "\n") + " -}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}\n"
+    )
+    source = model.tokenizer.chat_template or ""
+    return macro + source.replace("message['content']", "seechat_content(message['content'])")

@@ -58,8 +58,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def quantization_config(quantize: str | None, device: torch.device, dtype: torch.dtype):
+    """A bitsandbytes config for the text expert ('8bit' or '4bit', NF4 with double quantisation), or None."""
+    if not quantize:
+        return None
+    if quantize not in ("8bit", "4bit"):
+        raise ConfigError(f"quantize must be 8bit or 4bit, got {quantize!r}")
+    if device.type != "cuda":
+        raise ConfigError(f"--load-in-{quantize} needs a CUDA GPU (bitsandbytes); on the CPU use --dtype bf16 or fp32")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--load-in-{quantize} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def build(
-    config: SeeChatConfig, *, base_dir: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto"
+    config: SeeChatConfig, *, base_dir: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
+    quantize: str | None = None,
 ) -> SeeChat:
     """Compose a new model from its experts; the bridge starts from fresh weights (or BLIP-2's Q-Former).
 
@@ -79,14 +100,16 @@ def build(
         fields, num_queries = qformer_config_from(sources["qformer_from"])
         config.bridge.qformer = {**fields, **config.bridge.qformer}
         config.bridge.num_queries = num_queries
-    model = _assemble(config, sources, tokenizer, vision_path, torch_dtype)
+    quant = quantization_config(quantize, dev, torch_dtype)
+    model = _assemble(config, sources, tokenizer, vision_path, torch_dtype, quant=quant, device=dev)
     if "qformer_from" in sources:
         load_qformer_weights(model.bridge, sources["qformer_from"])
-    return model.to(dev).eval()
+    return _place(model, dev, quant)
 
 
 def load(
-    directory: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    directory: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> SeeChat:
     """Load a seechat model directory written by `model.save()` or the training commands."""
     directory = Path(directory)
@@ -116,9 +139,11 @@ def load(
     if config.bridge.qformer_from:
         sources["qformer_from"] = resolve(config.bridge.qformer_from, directory)
     tokenizer = load_tokenizer(str(directory / "tokenizer"), trust_remote_code=config.llm.trust_remote_code)
-    model = _assemble(config, sources, tokenizer, str(directory / "image_processor"), torch_dtype, adapter_base=directory)
+    quant = quantization_config(quantize, dev, torch_dtype)
+    model = _assemble(config, sources, tokenizer, str(directory / "image_processor"), torch_dtype,
+                      adapter_base=directory, quant=quant, device=dev)
     _load_bridge(model, directory, torch_dtype)
-    return model.to(dev).eval()
+    return _place(model, dev, quant)
 
 
 def save(model: SeeChat, directory: str | os.PathLike, *, llm_weights: str = "auto",
@@ -206,10 +231,21 @@ def _part(state_dict: dict | None, prefix: str) -> dict | None:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, adapter_base=None) -> SeeChat:
+def _place(model: SeeChat, device: torch.device, quant) -> SeeChat:
+    """Move the model to `device`; a quantised text expert was put there when loaded and cannot be moved."""
+    if quant is None:
+        return model.to(device).eval()
+    model.vision.to(device)
+    model.bridge.to(device)
+    return model.eval()
+
+
+def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, adapter_base=None, quant=None,
+              device=None) -> SeeChat:
     vision = load_vision(config.vision, sources["vision"], dtype=torch_dtype)
     image_processor = load_image_processor(image_processor_path)
-    llm = load_llm(sources["llm"], dtype=torch_dtype, trust_remote_code=config.llm.trust_remote_code)
+    extra = {"quantization_config": quant, "device_map": {"": str(device)}} if quant is not None else {}
+    llm = load_llm(sources["llm"], dtype=torch_dtype, trust_remote_code=config.llm.trust_remote_code, **extra)
     if config.llm.adapter:
         from peft import PeftModel
 

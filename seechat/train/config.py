@@ -93,6 +93,8 @@ class TrainConfig:
     """transformers.TrainingArguments fields, over seechat's stage defaults."""
     dtype: str = "auto"
     """Storage dtype of frozen parts: fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU). Trainable weights stay fp32."""
+    quantize: str | None = None
+    """'4bit' or '8bit': load the frozen text expert quantised (bitsandbytes, CUDA) and train LoRA on it (QLoRA)."""
     resume: bool = False
     """Continue from the last complete checkpoint in output_dir."""
     overwrite: bool = False
@@ -107,6 +109,10 @@ class TrainConfig:
             raise ConfigError("data.train needs at least one source")
         if "output_dir" in self.training:
             raise ConfigError("set output_dir at the top level, not in training")
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"quantize must be 4bit, 8bit or null, got {self.quantize!r}")
+        if self.quantize and self.parts.llm in ("full", "frozen"):
+            raise ConfigError("a quantised text expert trains only through LoRA (QLoRA): set parts.llm to lora")
 
     def training_arguments(self, stage: str) -> dict[str, Any]:
         """TrainingArguments fields: seechat's defaults for the stage, then the config's own."""
@@ -138,8 +144,13 @@ class TrainConfig:
         )
 
 
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """Read a YAML file (optional) and apply key=value overrides (dotted keys; values parsed as YAML)."""
+def load_config(path: str | None, overrides: list[str], stage: str | None = None) -> TrainConfig:
+    """Read a YAML file (optional) and apply key=value overrides (dotted keys; values parsed as YAML).
+
+    A recipe file holds both stages: a shared `model` composition and one section per stage (`align:`,
+    `instruct:`) with that stage's TrainConfig entries; `stage` picks the section (the shared model is used
+    unless the section starts from a model directory with init_from). Overrides apply to the picked section.
+    """
     data: dict = {}
     if path:
         p = Path(path)
@@ -151,6 +162,7 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
+    data = _stage_section(data, stage, path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (for example training.max_steps=100)")
@@ -160,6 +172,23 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     if isinstance(model, dict):
         model = SeeChatConfig.from_dict(model, where="model")
     return from_dict(TrainConfig, {**data, **({"model": model} if model is not None else {})}, where=path or "config")
+
+
+def _stage_section(data: dict, stage: str | None, path: str | None) -> dict:
+    if not any(name in data for name in STAGES):
+        return data
+    extra = sorted(set(data) - set(STAGES) - {"model", "recipe"})
+    if extra:
+        raise ConfigError(f"{path}: a recipe has only model, recipe, {' and '.join(STAGES)} at the top level; "
+                          f"unknown: {extra}")
+    if stage is None:
+        raise ConfigError(f"{path} is a recipe with sections {[s for s in STAGES if s in data]}: say which stage")
+    if stage not in data:
+        raise ConfigError(f"{path} has no {stage!r} section")
+    section = dict(data[stage] or {})
+    if "init_from" not in section and "model" in data:
+        section["model"] = data["model"]
+    return section
 
 
 def _set(tree: dict, keys: list[str], value) -> None:

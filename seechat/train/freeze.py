@@ -61,7 +61,14 @@ def apply_parts(model, parts: dict[str, str], lora: LoraConfig) -> dict[str, int
     """Set requires_grad per part (wrapping the text expert in LoRA if asked); return trainable counts."""
     for p in model.parameters():
         p.requires_grad_(False)
+    quantized = getattr(model.llm, "is_quantized", False)
+    if quantized and parts["llm"] != "lora":
+        raise ConfigError("a quantised text expert trains only through LoRA (QLoRA): set parts.llm to lora")
     if parts["llm"] == "lora":
+        if quantized and not hasattr(model.llm, "peft_config"):
+            from peft import prepare_model_for_kbit_training
+
+            model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
         model.llm = _with_lora(model.llm, lora)
     elif hasattr(model.llm, "peft_config") and parts["llm"] == "full":
         raise ConfigError("parts.llm 'full' on a model that already has a LoRA adapter: start from a model "

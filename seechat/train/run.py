@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         i += 1
     setup_logging()
-    train(stage, load_config(config_path, overrides))
+    train(stage, load_config(config_path, overrides, stage))
     return 0
 
 
@@ -109,7 +109,14 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     resolve_dtype(dtype, torch.device(device))  # checks the choice
     start = time.perf_counter()
-    model = load(cfg.init_from, device="cpu", dtype=dtype) if cfg.init_from else build(cfg.model, device="cpu", dtype=dtype)
+    # A quantised text expert is loaded straight onto the GPU (bitsandbytes); otherwise the Trainer places the model.
+    where = "cuda" if cfg.quantize else "cpu"
+    if cfg.init_from:
+        model = load(cfg.init_from, device=where, dtype=dtype, quantize=cfg.quantize)
+    else:
+        model = build(cfg.model, device=where, dtype=dtype, quantize=cfg.quantize)
+    if cfg.quantize and stage == "align" and cfg.parts.llm is None:
+        raise ConfigError("quantize is for Stage II (QLoRA); Stage I keeps the text expert frozen anyway")
     parts = cfg.parts.resolve(stage)
     counts = apply_parts(model, parts, cfg.lora)
     upcast_trainable(model)
