@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.images import load_image
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .engine import IMAGE_PREFIX, GenerationSettings, Reply, _find_stop
+from .engine import IMAGE_PREFIX, GenerationSettings, Reply, _find_stop, generation_config
 
 
 def generate_batch(
@@ -73,18 +73,7 @@ def generate_batch(
         embeds = model.embed(ids, image_embeds)
         # the prompt ids go along for the logits processors; an image id past the vocabulary would break them
         prompt_ids = ids.masked_fill(ids == model.image_token_id, pad) if model.image_token_id >= vocab else ids
-        sample = settings.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=sample,
-            temperature=settings.temperature if sample else None,
-            top_p=settings.top_p if sample else None,
-            top_k=settings.top_k if sample else None,
-            repetition_penalty=settings.repetition_penalty,
-            eos_token_id=model.stop_token_ids or None,
-            pad_token_id=pad,
-            suppress_tokens=[model.image_token_id] if model.image_token_id < vocab else None,
-        )
+        config = generation_config(model, settings, max_new, pad)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         criteria = StoppingCriteriaList([_StopStrings(settings.stop, tok, width)]) if settings.stop else None

@@ -226,18 +226,7 @@ class ChatEngine:
         input_ids = torch.tensor([ids], device=model.device)
         if model.image_token_id >= self._vocab:  # ids past the vocabulary would break logits processors
             input_ids = input_ids.masked_fill(input_ids == model.image_token_id, self._safe_id)
-        sample = settings.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=sample,
-            temperature=settings.temperature if sample else None,
-            top_p=settings.top_p if sample else None,
-            top_k=settings.top_k if sample else None,
-            repetition_penalty=settings.repetition_penalty,
-            eos_token_id=model.stop_token_ids or None,
-            pad_token_id=self._safe_id,
-            suppress_tokens=[model.image_token_id] if model.image_token_id < self._vocab else None,
-        )
+        config = generation_config(model, settings, max_new, self._safe_id)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 
@@ -352,6 +341,23 @@ class Conversation:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int, pad: int) -> GenerationConfig:
+    """The stock-generate settings for `settings` (greedy at temperature 0); the image token is never generated."""
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    sample = settings.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new,
+        do_sample=sample,
+        temperature=settings.temperature if sample else None,
+        top_p=settings.top_p if sample else None,
+        top_k=settings.top_k if sample else None,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=model.stop_token_ids or None,
+        pad_token_id=pad,
+        suppress_tokens=[model.image_token_id] if model.image_token_id < vocab else None,
+    )
+
+
 class _Cancel(StoppingCriteria):
     """Stops generation when the consumer went away, or when a stop string appeared in the new text."""
 

@@ -40,6 +40,7 @@ from ..chat.engine import GenerationSettings
 from ..cli import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, DataError, ImageError
+from .files import pct
 from .files import out_dir, write_json, write_jsonl
 from .vqa import normalize
 
@@ -264,9 +265,6 @@ def score(rows: list[dict], *, circular: bool = True) -> dict:
 
 
 def markdown(m: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     lines = ["# Multiple choice", "",
              f"{m['n_graded']} of {m['n_questions']} questions graded ({m['n_unreadable']} unreadable image, "
              f"{m['n_without_answer']} without answer); {m['n_unparsed']} of {m['n_passes']} replies unparsed.", "",
@@ -278,9 +276,6 @@ def markdown(m: dict) -> str:
 
 
 def summary_line(m: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     return (f"{m['n_graded']} questions: circular {pct(m['circular_accuracy'])}, vanilla {pct(m['vanilla_accuracy'])}"
             f" ({m['n_unparsed']} unparsed replies)")
 

@@ -34,7 +34,7 @@ from ..chat.engine import GenerationSettings
 from ..cli import LoadArgs, load_model, parse, quiet_hf, setup_logging
 from ..errors import ConfigError, DataError
 from .caption import caption_images, report
-from .files import out_dir, read_captions, read_references, write_json, write_jsonl
+from .files import out_dir, pct, read_captions, read_references, write_json, write_jsonl
 from .metrics import caption_metrics
 from .metrics import markdown as metrics_markdown
 from .vqa import read_questions, run_vqa
@@ -148,9 +148,6 @@ def shuffle(captions: dict[str, str], seed: int = 0) -> dict[str, str]:
 
 
 def summary_markdown(summary: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     lines = ["# Toy-world evaluation", "", f"Run: `{summary['run']}`; win-rate judge: the toy CLIP "
              f"({summary.get('scorer', {}).get('model_type', '?')}).", ""]
     for split, r in summary["splits"].items():

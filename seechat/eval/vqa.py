@@ -36,6 +36,7 @@ from ..chat.engine import GenerationSettings
 from ..cli import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, DataError, ImageError
+from .files import pct
 from .files import field as get_field
 from .files import out_dir, read_jsonl, write_json, write_jsonl
 
@@ -169,9 +170,6 @@ def score(results: list[dict]) -> dict:
 
 
 def markdown(metrics: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     lines = ["# VQA", "", f"{metrics['n']} questions scored, {metrics['n_unreadable']} left out (unreadable image).",
              "", "| type | n | exact match | normalized match |", "|---|---:|---:|---:|",
              f"| **all** | {metrics['n']} | {pct(metrics['exact_match'])} | {pct(metrics['normalized_match'])} |"]
@@ -181,9 +179,6 @@ def markdown(metrics: dict) -> str:
 
 
 def summary_line(metrics: dict) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
     return (f"{metrics['n']} questions: exact match {pct(metrics['exact_match'])}, normalized "
             f"{pct(metrics['normalized_match'])}")
 
