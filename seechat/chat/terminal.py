@@ -136,4 +136,4 @@ def _turn(conv: Conversation, text: str, image, settings: GenerationSettings, ou
     except KeyboardInterrupt:
         print("\n(interrupted)", file=out, flush=True)
         return
-    print(f"\n{time.perf_counter() - start:.1f}s", file=out, flush=True)
+    print(f"\n{time.perf_counter() - start:.2f}s", file=out, flush=True)
