@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from ..errors import SeeChatError
 from . import world
 
 log = logging.getLogger("seechat")
@@ -133,13 +132,14 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
 def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     from transformers import CLIPImageProcessor
 
+    from ..data.images import load_image
     from .experts import ExpertSizes, make_tokenizers, train_clip
 
     scenes = world.sample_scenes(seed, "train", plan.n_train)
     tok, clip_tok = make_tokenizers(_all_texts(seed))
     processor = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
                                    crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE})
-    images = [Image_open(out / "data" / "train" / f"images/{i:05d}.png") for i in range(len(scenes))]
+    images = [load_image(out / "data" / "train" / f"images/{i:05d}.png") for i in range(len(scenes))]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     attributes = [(s.main.colour, s.main.kind, s.main.position) for s in scenes]
     losses = train_clip(out / "clip", pixels, attributes, clip_tok, sizes=ExpertSizes(), steps=plan.clip_steps,
@@ -252,12 +252,6 @@ def _all_texts(seed: int) -> list[str]:
     return texts + ["它是红色的，所以是的。它在中间，所以不是。"]
 
 
-def Image_open(path: Path):
-    from ..data.images import load_image
-
-    return load_image(path)
-
-
 def _jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
@@ -275,7 +269,3 @@ Chinese captions and questions.
 - `heldout_combos` uses only colour x shape pairs absent from all training data: {held}
 """
 
-
-def check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SeeChatError(f"--out {out} is a file: give a directory")
