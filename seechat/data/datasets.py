@@ -48,6 +48,14 @@ class Encoder:
         return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": pixels}
 
 
+def _sample(encoder: Encoder, fetch, root, where: str) -> dict:
+    """encoder(fetch()) as a training sample, or {"bad": (where, why)} when the record or its images are unusable."""
+    try:
+        return encoder(fetch(), root)
+    except BadSample as exc:
+        return {"bad": (where, str(exc))}
+
+
 class IndexedDataset(Dataset):
     """Random-access training data over JSONL / LLaVA JSON sources (only line offsets are held in memory)."""
 
@@ -71,12 +79,8 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         part, j = self._locate(i)
-        where = f"{part.source.path}:{j + 1}"
-        try:
-            record = part.record(j)
-            return {**self.encoder(record, part.source.root), "index": i}
-        except BadSample as exc:
-            return {"bad": (where, str(exc)), "index": i}
+        return {**_sample(self.encoder, lambda: part.record(j), part.source.root, f"{part.source.path}:{j + 1}"),
+                "index": i}
 
     def lengths(self) -> list[int]:
         """Cheap size estimates for length-grouped batching (no image is opened)."""
@@ -126,20 +130,14 @@ class StreamDataset(IterableDataset):
             for item in stream_records(source, self.prompts, self.seed, epoch, rank, world, worker, workers):
                 if isinstance(item, BadSample):
                     yield {"bad": (getattr(item, "where", source.path), str(item))}
-                    continue
-                try:
-                    yield self.encoder(item, source.root)
-                except BadSample as exc:
-                    yield {"bad": (item.where, str(exc))}
+                else:
+                    yield _sample(self.encoder, lambda: item, source.root, item.where)
             return
         part = self.indexed[i]
         order = list(range(len(part)))
         random.Random(f"{self.seed}:{epoch}:{i}").shuffle(order)
         for j in order[rank * workers + worker :: world * workers]:
-            try:
-                yield self.encoder(part.record(j), source.root)
-            except BadSample as exc:
-                yield {"bad": (f"{source.path}:{j + 1}", str(exc))}
+            yield _sample(self.encoder, lambda: part.record(j), source.root, f"{source.path}:{j + 1}")
 
 
 def _rank_world() -> tuple[int, int]:

@@ -46,9 +46,8 @@ class SeeChatTrainer(Trainer):
         inputs.pop("sample_index", None)
         if model.training:
             self.data_guard.count(inputs["input_ids"].shape[0], bad)
-        trainable = [p for p in model.parameters() if p.requires_grad]
         if inputs["input_ids"].shape[0] == 0:  # every sample of this batch was bad: a step that changes nothing
-            loss = sum(p.sum() * 0.0 for p in trainable)
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, None) if return_outputs else loss
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
