@@ -90,7 +90,7 @@ def raw_request(url: str, body: dict) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n".encode()
                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
@@ -231,7 +231,9 @@ def test_file_urls_under_the_image_dir_and_remote_urls_when_allowed(client, engi
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
     try:  # the same engine behind a second server, one that may fetch images
-        with live(create_app(engine, ServeArgs(served_model_name="tiny", allow_remote_images=True))) as url:
+        # 127.0.0.1 is refused unless private addresses are allowed (test_serve_hostile.py)
+        args = ServeArgs(served_model_name="tiny", allow_remote_images=True, allow_private_images=True)
+        with live(create_app(engine, args)) as url:
             remote = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=WAIT)
             got = remote.chat.completions.create(model="tiny", messages=ask(QUESTION, f"{base}/red.png"), max_tokens=8)
             assert got.choices[0].message.content == expected
@@ -342,16 +344,19 @@ def test_strange_values_are_answered_or_refused_never_500(server, extra, status)
         assert response.json()["error"]["param"] in ("seed", "messages", "messages.0.content", "stop")
 
 
-@pytest.mark.parametrize("content, headers", [
-    (b"{not json", {}),
-    (b"", {}),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', {}),
-    (b"[" * 100_000 + b"]" * 100_000, {}),
-    (b"\xff\xfe garbage", {"Content-Type": "application/octet-stream"}),
+@pytest.mark.parametrize("content", [
+    b"{not json",
+    b"",
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b"\xff\xfe garbage",
 ])
-def test_bodies_that_are_not_json_get_400(server, content, headers):
-    response = httpx.post(f"{server}/v1/chat/completions", content=content, headers=headers, timeout=WAIT)
+def test_bodies_that_are_not_json_get_400(server, content):
+    response = httpx.post(f"{server}/v1/chat/completions", content=content,
+                          headers={"Content-Type": "application/json"}, timeout=WAIT)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    typeless = httpx.post(f"{server}/v1/chat/completions", content=content, timeout=WAIT)  # no Content-Type: 415
+    assert typeless.status_code == 415 and typeless.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_unknown_routes_and_methods_get_openai_style_errors(client, server):
@@ -470,7 +475,8 @@ def test_serve_command_survives_garbage_and_stops_cleanly(tiny_model_dir, tmp_pa
                      os.urandom(3000)):
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(junk)
-        assert httpx.post(f"{url}/v1/chat/completions", headers=auth, content=os.urandom(5000)).status_code == 400
+        assert httpx.post(f"{url}/v1/chat/completions", headers={**auth, "Content-Type": "application/json"},
+                          content=os.urandom(5000)).status_code == 400
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0, timeout=WAIT)
         answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}])
         assert answer.usage.completion_tokens <= 4 and answer.choices[0].finish_reason in ("stop", "length")

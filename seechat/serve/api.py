@@ -3,11 +3,15 @@
     seechat serve --model runs/toyworld/model                       # http://127.0.0.1:8000/v1
     seechat serve --model DIR --port 8000 --api-key KEY --max-queue 16 --max-image-mb 20
 
+    SEECHAT_API_KEY=KEY seechat serve --model DIR      # or --api-key-file PATH (a key on the command line shows in ps)
+
 Routes: POST /v1/chat/completions (OpenAI format, `stream: true` for server-sent events ending with
-`data: [DONE]`), GET /v1/models, GET /health (no key needed). With --api-key (or SEECHAT_API_KEY)
-every other route needs `Authorization: Bearer KEY`. Requests share one loaded model and run one at a
-time; at most --max-queue are in (running or waiting), more get 429 with Retry-After. A request the
-server cannot serve gets an OpenAI-style error object with a 4xx status, never a crash.
+`data: [DONE]`), GET /v1/models, GET /health (no key needed). With a key (--api-key-file, SEECHAT_API_KEY or
+--api-key) every other route needs `Authorization: Bearer KEY`. Cross-site requests are refused (guard.py:
+Host, Origin, JSON bodies only). Requests share one loaded model and run one at a time; at most --max-queue
+are in (running or waiting), more get 429 with Retry-After; a request takes its place only once its body has
+been read (within --body-timeout) and parsed. A request the server cannot serve gets an OpenAI-style error
+object with a 4xx status, never a crash.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +38,9 @@ from starlette.exceptions import HTTPException
 from ..chat.engine import ChatEngine, ChatState, GenerationSettings
 from ..cli import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError, ContextOverflowError, ImageError, SeeChatError
+from ..data.images import MAX_PIXELS, needed_side
 from . import protocol
+from .guard import CrossSiteGuard
 from .messages import ImagePolicy, to_engine
 from .protocol import APIError, ChatCompletionRequest
 from .scheduler import QueueFull, Scheduler
@@ -55,7 +62,11 @@ class ServeArgs:
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
     api_key: str | None = field(
         default=None,
-        metadata={"help": "Require 'Authorization: Bearer KEY' on every route but /health (or set SEECHAT_API_KEY)."},
+        metadata={"help": "Require 'Authorization: Bearer KEY' on every route but /health. Prefer --api-key-file or "
+                          "SEECHAT_API_KEY: a key on the command line shows in ps."},
+    )
+    api_key_file: str | None = field(
+        default=None, metadata={"help": "Read the API key from this file (its first line)."}
     )
     served_model_name: str | None = field(
         default=None, metadata={"help": "The model name clients send and /v1/models lists (default: --model)."}
@@ -69,6 +80,27 @@ class ServeArgs:
     allow_remote_images: bool = field(
         default=False, metadata={"help": "Allow http(s):// image URLs, which the server then fetches."}
     )
+    allow_private_images: bool = field(
+        default=False, metadata={"help": "Let remote image URLs name loopback, private or link-local addresses."}
+    )
+    remote_timeout: float = field(default=10.0, metadata={"help": "Seconds for a whole remote image fetch."})
+    max_decoded_mpixels: float = field(
+        default=2 * MAX_PIXELS / 1e6,
+        metadata={"help": "Most megapixels one request's images may decode to, all together."},
+    )
+    body_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds a client has to send a request body (slower: 408)."}
+    )
+    allow_origin: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Web origins (https://app.example) whose pages may call this server; '*' for any. "
+                          "Default: none (a request with an Origin header gets 403)."},
+    )
+    allow_host: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Host names besides the listening address and localhost that clients may use to reach "
+                          "this server; '*' for any (turns off the DNS-rebinding check)."},
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,17 +108,36 @@ class ServeArgs:
             (self.max_queue >= 1, "max_queue must be >= 1"),
             (self.max_image_mb > 0, "max_image_mb must be > 0"),
             (self.max_images >= 0, "max_images must be >= 0"),
+            (self.max_decoded_mpixels > 0, "max_decoded_mpixels must be > 0"),
+            (self.body_timeout > 0 and self.remote_timeout > 0, "body_timeout and remote_timeout must be > 0"),
+            (not (self.api_key and self.api_key_file), "give --api-key or --api-key-file, not both"),
             (self.image_dir is None or Path(self.image_dir).is_dir(), f"image_dir {self.image_dir!r} is not a folder"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.api_key_file:
+            self.api_key = read_key_file(self.api_key_file)
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(
             max_image_bytes=int(self.max_image_mb * 2**20), max_images=self.max_images,
             image_dir=Path(self.image_dir) if self.image_dir else None, allow_remote=self.allow_remote_images,
+            allow_private=self.allow_private_images, remote_timeout=self.remote_timeout,
+            max_decoded_pixels=int(self.max_decoded_mpixels * 1e6),
         )
+
+
+def read_key_file(path: str) -> str:
+    """The API key in the first line of `path` (surrounding spaces dropped); ConfigError when there is none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            key = fh.readline().strip()
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot read the API key file {path!r} ({exc.__class__.__name__}): check the path") from None
+    if not key:
+        raise ConfigError(f"the API key file {path!r} is empty: put the key on its first line")
+    return key
 
 
 def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: GenerationSettings | None = None) -> FastAPI:
@@ -97,8 +148,9 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     name = args.served_model_name or "seechat"
     policy = args.policy()
     policy.max_text_chars = TEXT_CHARS_PER_TOKEN * engine.model.max_context
+    policy.min_side = needed_side(engine.model.processor.image_processor)
     scheduler = Scheduler(engine, args.max_queue)
-    body_limit = max(1, policy.max_images) * math.ceil(policy.max_image_bytes * 4 / 3) + 2**20
+    body_limit = body_limit_for(policy)
     created = int(time.time())
 
     @asynccontextmanager
@@ -110,6 +162,11 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     app.state.scheduler = scheduler
     if args.api_key:
         app.add_middleware(BearerAuth, key=args.api_key)
+    if args.allow_origin:  # CORS answers (preflights included) for the origins let through; added after the key
+        app.add_middleware(CORSMiddleware, allow_origins=args.allow_origin, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # check, so preflights need no key
+    app.add_middleware(CrossSiteGuard, bound_host=args.host, allow_hosts=args.allow_host,
+                       allow_origins=args.allow_origin)  # outermost: refused before anything else runs
 
     # -- errors: every one an OpenAI-style object -------------------------------------------------------
     @app.exception_handler(APIError)
@@ -156,12 +213,13 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        slot = scheduler.admit()
+        # the body is read and parsed before a queue place is taken: a slow upload holds no place
+        req = ChatCompletionRequest.parse(await _read_json(request, body_limit, args.body_timeout))
+        if req.model is not None and req.model != name:
+            raise _unknown_model(req.model, name)
+        settings = _settings(req, defaults)
+        slot = scheduler.admit()  # before decoding: the queue bounds how many requests decode images at once
         try:
-            req = ChatCompletionRequest.parse(await _read_json(request, body_limit))
-            if req.model is not None and req.model != name:
-                raise _unknown_model(req.model, name)
-            settings = _settings(req, defaults)
             messages, images = await run_in_threadpool(to_engine, req.messages, policy)
             job = scheduler.submit(slot, ChatState.of(messages, images), settings)
         except BaseException:
@@ -214,26 +272,40 @@ class BearerAuth:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-async def _read_json(request: Request, limit: int):
+def body_limit_for(policy: ImagePolicy) -> int:
+    """The largest request body: every image at the size limit in base64, the text at its limit with every
+    character JSON-escaped (\\uXXXX), and 64 KB for the rest of the JSON."""
+    images = policy.max_images * math.ceil(policy.max_image_bytes * 4 / 3)
+    text = 6 * (policy.max_text_chars if policy.max_text_chars is not None else 2**20)
+    return images + text + 2**16
+
+
+async def _read_json(request: Request, limit: int, timeout: float):
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise _body_too_large(int(length), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _body_too_large(len(body), limit)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _body_too_large(len(body), limit)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g}s: send it at once "
+                            "(this server gives a body --body-timeout seconds)", code="request_timeout",
+                       headers={"Connection": "close"}) from None
     if not body:
         raise APIError(400, "the request has no body: send a JSON object with 'messages'")
     try:
-        if len(body) > 2**20:  # a large body (inline images) is decoded off the event loop
-            return await run_in_threadpool(_loads, bytes(body))
-        return _loads(bytes(body))
+        if len(body) > 2**20:  # a large body (inline images) is decoded off the event loop, without a copy
+            return await run_in_threadpool(_loads, body)
+        return _loads(body)
     except (ValueError, RecursionError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({str(exc)[:120]})") from None
 
 
-def _loads(body: bytes):
+def _loads(body: bytes | bytearray):
     def no_constants(name):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -331,6 +403,9 @@ def main(argv: list[str]) -> int:
         "seechat serve", argv, LoadArgs, ServeArgs, GenerationSettings, description=__doc__.split("\n")[0]
     )
     setup_logging()
+    if args.api_key and not args.api_key_file:
+        log.warning("the API key was given on the command line, where other users of this machine can see it "
+                    "(ps): prefer --api-key-file PATH or SEECHAT_API_KEY")
     args.api_key = args.api_key or os.environ.get("SEECHAT_API_KEY") or None
     args.served_model_name = args.served_model_name or load_args.model
     if not _is_loopback(args.host) and not args.api_key:

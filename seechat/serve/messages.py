@@ -7,18 +7,21 @@ assistant messages are text only; "developer" is taken as "system".
 
 Image sources, in the order they are checked:
 - `data:image/...;base64,...`: decoded here; over the size limit -> 413, bad base64 -> 400.
-- `file://` URLs: only under the server's image folder (--image-dir), after resolving links.
-- `http(s)://` URLs: refused unless remote images are allowed (--allow-remote-images); then fetched
-  with a timeout and the same size limit.
-Then `load_image` decodes the bytes fully: not an image, truncated, or a decompression bomb -> ImageError.
+- `file://` URLs: only under the server's image folder (--image-dir): the file is opened once and the
+  opened file's real path is checked (a link leading out of the folder is refused, and no swap between a
+  check and the read can change which file is read).
+- `http(s)://` URLs: refused unless remote images are allowed (--allow-remote-images); then fetched by
+  `fetch.fetch` (no redirects, no private addresses, one deadline, the same size limit).
+Then `load_image` decodes the bytes toward the size the vision expert needs, under the request's budget of
+decoded pixels: not an image, truncated, a decompression bomb or over the budget -> ImageError.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
-import urllib.error
+import os
+import stat
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.images import MAX_PIXELS, load_image
+from ..data.images import MAX_PIXELS, PixelBudget, load_image
 from ..data.processor import IMAGE_MARKER
+from .fetch import FetchRefused, fetch
 from .protocol import APIError, ImagePart, Message, checked_text
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -43,7 +47,14 @@ class ImagePolicy:
     image_dir: Path | None = None
     """file:// URLs are served from under this folder only; None refuses them."""
     allow_remote: bool = False
+    allow_private: bool = False
+    """Remote URLs may name loopback, private and link-local addresses (off: they are refused)."""
     remote_timeout: float = 10.0
+    """Seconds for a whole remote fetch: connecting, headers and body."""
+    max_decoded_pixels: int = 2 * MAX_PIXELS
+    """Most pixels one request's images may decode to, all together."""
+    min_side: int | None = None
+    """Images are decoded toward this shorter side (what the vision expert resizes from); None: full size."""
     max_text_chars: int | None = None
     """Most characters of text in one request (None: no limit); the server sets 64 per token of context."""
 
@@ -64,6 +75,7 @@ def to_engine(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict],
                             f"{policy.max_text_chars:,}: shorten the conversation", param="messages",
                        code="context_length_exceeded")
     out, images = [], []
+    budget = PixelBudget(policy.max_decoded_pixels)
     for i, m in enumerate(messages):
         role = ROLES[m.role]
         if m.content is None and role != "assistant":
@@ -77,7 +89,7 @@ def to_engine(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict],
                     raise APIError(400, f"{where}: images belong in user messages, not in a {m.role} message",
                                    param=where)
                 images.append(load_image(read_image_url(part.url, policy, where), name=where,
-                                         max_pixels=policy.max_pixels))
+                                         max_pixels=policy.max_pixels, min_side=policy.min_side, budget=budget))
                 texts.append(IMAGE_MARKER)
                 continue
             text = checked_text(part if isinstance(part, str) else part.text, where)
@@ -147,40 +159,52 @@ def _file_url(url: str, policy: ImagePolicy, where: str) -> bytes:
     path = Path(urllib.request.url2pathname(parsed.path))
     if not path.is_absolute():
         path = root / path
-    try:
-        path = path.resolve()
-        inside = path.is_relative_to(root)
-        size = path.stat().st_size if inside and path.is_file() else None
-    except (OSError, ValueError):
-        inside, size = False, None
-    if not inside:
-        raise APIError(400, f"{where}: file:// URLs may only name files under the server's image folder",
+    outside = APIError(400, f"{where}: file:// URLs may only name files under the server's image folder",
                        param=where, code="file_url_outside_image_dir")
-    if size is None:
-        raise APIError(400, f"{where}: no such file in the server's image folder", param=where,
+    missing = APIError(400, f"{where}: no such file in the server's image folder", param=where,
                        code="image_not_found")
-    if size > policy.max_image_bytes:
-        raise _too_large(size, policy, where)
-    try:
-        return path.read_bytes()
-    except OSError:
-        raise APIError(400, f"{where}: the file cannot be read", param=where, code="image_not_found") from None
-
-
-def _fetch(url: str, policy: ImagePolicy, where: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "seechat", "Accept": "image/*"})
-    try:
-        with urllib.request.urlopen(request, timeout=policy.remote_timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_image_bytes:
-                raise _too_large(int(length), policy, where)
-            data = response.read(policy.max_image_bytes + 1)
-    except APIError:
-        raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise APIError(400, f"{where}: the image URL could not be fetched ({reason})", param=where,
-                       code="image_fetch_failed") from None
+    try:  # not even opened when the name alone leads out (so no device or FIFO outside is ever touched)
+        if not Path(os.path.abspath(path)).is_relative_to(root):
+            raise outside
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):
+        raise missing from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not _opened_inside(fd, info, path, root):
+            raise outside
+        if not stat.S_ISREG(info.st_mode):
+            raise missing
+        if info.st_size > policy.max_image_bytes:
+            raise _too_large(info.st_size, policy, where)
+        try:
+            data = fh.read(policy.max_image_bytes + 1)
+        except OSError:
+            raise APIError(400, f"{where}: the file cannot be read", param=where, code="image_not_found") from None
     if len(data) > policy.max_image_bytes:
         raise _too_large(len(data), policy, where)
     return data
+
+
+def _opened_inside(fd: int, info: os.stat_result, path: Path, root: Path) -> bool:
+    """Whether the file open at `fd` lies under `root`, links followed. Where the system names an open file's
+    path (/proc/self/fd on Linux), that name is checked; elsewhere the resolved name must be the same file."""
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        try:
+            real = path.resolve(strict=True)
+            now = real.stat()
+        except (OSError, RuntimeError):
+            return False
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            return False
+    return real.is_relative_to(root)
+
+
+def _fetch(url: str, policy: ImagePolicy, where: str) -> bytes:
+    try:
+        return fetch(url, max_bytes=policy.max_image_bytes, timeout=policy.remote_timeout,
+                     allow_private=policy.allow_private)
+    except FetchRefused as exc:
+        raise APIError(exc.status, f"{where}: {exc}", param=where, code=exc.code) from None
