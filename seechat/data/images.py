@@ -133,14 +133,18 @@ def _shrunk(img: Image.Image, min_side: int | None) -> Image.Image:
 
 
 def needed_side(image_processor) -> int | None:
-    """The shorter side, in pixels, an image needs for this Hugging Face image processor (None: unknown)."""
+    """The shorter side, in pixels, an image needs for this Hugging Face image processor (None: unknown):
+    the largest of its size and crop size entries (a dict or transformers' SizeDict), so never too small."""
     sides = []
     for key in ("size", "crop_size"):
         value = getattr(image_processor, key, None)
-        if isinstance(value, dict):
-            sides += [v for k, v in value.items() if k in ("shortest_edge", "height", "width") and isinstance(v, int)]
-        elif isinstance(value, int):
+        if isinstance(value, int):
             sides.append(value)
+            continue
+        for entry in ("shortest_edge", "longest_edge", "height", "width"):
+            side = value.get(entry) if isinstance(value, dict) else getattr(value, entry, None)
+            if isinstance(side, int):
+                sides.append(side)
     return max(sides) if sides else None
 
 

@@ -115,21 +115,22 @@ def _connection(scheme: str, host: str, address, port: int, timeout: float) -> h
 
         class Pinned(http.client.HTTPSConnection):
             def connect(self):
-                raw = socket.create_connection((str(address), port), timeout)
-                self.sock = context.wrap_socket(raw, server_hostname=host)
+                self.raw = socket.create_connection((str(address), port), timeout)
+                self.sock = context.wrap_socket(self.raw, server_hostname=host)
 
         return Pinned(host, port, timeout=timeout, context=context)
 
     class PinnedPlain(http.client.HTTPConnection):
         def connect(self):
-            self.sock = socket.create_connection((str(address), port), timeout)
+            self.sock = self.raw = socket.create_connection((str(address), port), timeout)
 
     return PinnedPlain(host, port, timeout=timeout)
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:
-    """The deadline passed: end whatever the fetch is blocked on."""
-    sock = conn.sock
+    """The deadline passed: end whatever the fetch is blocked on (the response may hold the socket after the
+    connection let go of it, so the socket kept at connect time is shut)."""
+    sock = getattr(conn, "raw", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -169,7 +169,7 @@ def _file_url(url: str, policy: ImagePolicy, where: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except (OSError, ValueError):
         raise missing from None
-    with os.fdopen(fd, "rb") as fh:
+    try:
         info = os.fstat(fd)
         if not _opened_inside(fd, info, path, root):
             raise outside
@@ -177,10 +177,12 @@ def _file_url(url: str, policy: ImagePolicy, where: str) -> bytes:
             raise missing
         if info.st_size > policy.max_image_bytes:
             raise _too_large(info.st_size, policy, where)
-        try:
+        with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read(policy.max_image_bytes + 1)
-        except OSError:
-            raise APIError(400, f"{where}: the file cannot be read", param=where, code="image_not_found") from None
+    except OSError:
+        raise APIError(400, f"{where}: the file cannot be read", param=where, code="image_not_found") from None
+    finally:
+        os.close(fd)
     if len(data) > policy.max_image_bytes:
         raise _too_large(len(data), policy, where)
     return data
