@@ -23,7 +23,7 @@ import pytest
 import seechat
 from seechat.chat.engine import ChatEngine
 from seechat.data.images import load_image
-from seechat.serve.web import WebChat
+from seechat.serve.web import Sessions, WebChat
 
 QUESTION = "这是什么颜色？"
 SETTINGS = (8, 0.0, 1.0, 0, 1.0, -1)  # max new tokens, temperature (greedy), top-p, top-k, repetition, seed
@@ -67,7 +67,8 @@ def test_answers_stream_into_the_chat_and_each_image_is_sent_once(engine, images
     history, session, stats = chat.clear_chat(session)  # the image in the box goes with the next question again
     again = list(chat.respond(QUESTION, history, session, images["red"], *SETTINGS))[-1][0]
     assert again[0] == {"role": "user", "content": {"path": images["red"]}} and again[-1]["content"] == expected[0]
-    assert WebChat.new_image() == (None, [], None, "", "")
+    assert chat.new_image(session) == (None, [], None, "", "")
+    assert session.closed and session.conversation.messages == []
 
 
 def test_a_broken_image_leaves_the_chat_as_it_was(engine, images):
@@ -81,6 +82,50 @@ def test_a_broken_image_leaves_the_chat_as_it_was(engine, images):
 
 
 # -- the page in a browser --------------------------------------------------------------------------------------
+def test_sessions_expire_when_idle_or_too_many_and_free_their_conversation(engine, images):
+    now = [0.0]
+    chat = WebChat(engine, Sessions(engine, idle_seconds=60, max_sessions=2, clock=lambda: now[0]))
+    tabs = []
+    for _ in range(2):
+        history, _, session, _ = list(chat.respond(QUESTION, [], None, images["red"], *SETTINGS))[-1]
+        tabs.append((history, session))
+        now[0] += 1
+    first, second = tabs[0][1], tabs[1][1]
+    assert len(chat.sessions) == 2 and first.conversation.state.kv.cache is not None
+    list(chat.respond(QUESTION, [], None, None, *SETTINGS))  # a third tab: the longest idle one is freed
+    assert first.closed and not second.closed and len(chat.sessions) == 2
+    state = first.conversation.state
+    assert state.messages == [] and state.images == [] and state.kv.cache is None  # KV cache and images let go
+    now[0] += 61  # everyone idle past the timeout: the next question frees them all
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        history, _, session, _ = list(chat.respond("它在哪里？", tabs[1][0], second, None, *SETTINGS))[-1]
+    assert second.closed and session is not second and len(chat.sessions) == 1
+    assert [m["role"] for m in history] == ["user", "assistant"]  # the expired chat started over
+
+
+def test_clear_chat_and_new_image_stop_a_streaming_answer_first(tiny_model_dir, images):
+    model = seechat.load(tiny_model_dir, device="cpu")
+    model.stop_token_ids = []  # no end token: an answer runs to max_new_tokens unless it is stopped
+    engine = ChatEngine(model)
+    chat = WebChat(engine)
+    long_answer = (700, *SETTINGS[1:])
+    for button in ("clear", "new image"):
+        updates = chat.respond(QUESTION, [], None, images["red"], *long_answer)
+        for _ in range(3):  # the answer is streaming
+            history, _, session, _ = next(updates)
+        if button == "clear":
+            assert chat.clear_chat(session)[0] == []
+        else:
+            assert chat.new_image(session)[2] is None
+        rest = list(updates)  # the stream stops at once and ends showing the cleared chat
+        assert len(rest) == 1 and rest[0][0] == [] and (rest[0][2] is None) == (button == "new image")
+        assert session.conversation.messages == [] and not engine.lock.locked()
+        assert len(history[-1]["content"]) < 700 // 4  # stopped, not run to its 700 tokens
+    after = list(chat.respond(QUESTION, [], None, images["red"], 3, *SETTINGS[1:]))[-1]
+    assert after[0][-1]["content"] and "3 词元 tokens" in after[3]  # the model is free for the next question
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)

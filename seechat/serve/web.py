@@ -5,14 +5,19 @@
 
 The image is attached to the next question; a newly uploaded image joins the same conversation, as
 `/image` does in the terminal. 新图片 New image starts over without an image; 清空对话 Clear chat forgets the
-history and attaches the current image again to the next question. Everything is served from this
-machine: no analytics, no fonts or scripts from a CDN.
+history and attaches the current image again to the next question; both stop an answer that is still
+streaming first. Each tab's conversation (its KV cache and images) is freed after --session-idle-minutes
+without a question, and when more than --max-sessions tabs are open, the longest idle goes first.
+Everything is served from this machine: no analytics, no fonts or scripts from a CDN.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..chat.engine import ChatEngine, Conversation, GenerationSettings
@@ -36,12 +41,18 @@ class WebArgs:
     port: int = field(default=7860, metadata={"help": "Port to listen on."})
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image upload, in MB."})
     max_queue: int = field(default=16, metadata={"help": "Most questions waiting for the model at once."})
+    session_idle_minutes: float = field(
+        default=30.0, metadata={"help": "A tab's conversation is freed after this many minutes without a question."}
+    )
+    max_sessions: int = field(default=64, metadata={"help": "Most conversations kept; more free the longest idle."})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in 0..65535")
         if self.max_image_mb <= 0 or self.max_queue < 1:
             raise ConfigError("max_image_mb must be > 0 and max_queue >= 1")
+        if self.session_idle_minutes <= 0 or self.max_sessions < 1:
+            raise ConfigError("session_idle_minutes must be > 0 and max_sessions >= 1")
 
 
 @dataclass
@@ -51,13 +62,72 @@ class Session:
     conversation: Conversation
     attached: str | None = None
     """The path of the image last sent with a question; a different one in the image box is sent next."""
+    last_used: float = 0.0
+    closed: bool = False
+    """Freed (expired, evicted, or left by New image): its conversation is empty and it is not used again."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set to stop the answer now streaming (a new event for each question)."""
+
+    def clear(self) -> None:
+        """Stop a streaming answer and forget the history, its images and KV cache. The conversation object is
+        replaced rather than reset, so the stopped stream, which restores its own conversation as it ends,
+        cannot bring the old history back."""
+        self.stop.set()
+        self.conversation = self.conversation.engine.conversation()
+        self.attached = None
+
+    def close(self) -> None:
+        self.clear()
+        self.closed = True
+
+
+class Sessions:
+    """The page's open conversations: each is freed after `idle_seconds` without a question, and beyond
+    `max_sessions` the longest idle is freed first. Checked whenever a question comes in."""
+
+    def __init__(self, engine: ChatEngine, *, idle_seconds: float = 1800.0, max_sessions: int = 64,
+                 clock=time.monotonic):
+        self.engine, self.idle_seconds, self.max_sessions, self.clock = engine, idle_seconds, max_sessions, clock
+        self._open: OrderedDict[int, Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def use(self, session: Session | None) -> Session:
+        """The session for a question: this one, refreshed, or a new one when it is None or was freed."""
+        with self._lock:
+            self._sweep()
+            if session is None or session.closed:
+                session = Session(self.engine.conversation())
+            session.last_used = self.clock()
+            self._open[id(session)] = session
+            self._open.move_to_end(id(session))
+            while len(self._open) > self.max_sessions:
+                self._open.popitem(last=False)[1].close()
+            return session
+
+    def drop(self, session: Session | None) -> None:
+        """Free a session now (the tab left the page, or New image)."""
+        if session is not None:
+            session.close()
+            with self._lock:
+                self._open.pop(id(session), None)
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for key, session in list(self._open.items()):
+            if session.closed or now - session.last_used > self.idle_seconds:
+                del self._open[key]
+                session.close()
 
 
 class WebChat:
     """The page's event handlers over one engine (plain functions of the page's values, so tests call them)."""
 
-    def __init__(self, engine: ChatEngine):
+    def __init__(self, engine: ChatEngine, sessions: Sessions | None = None):
         self.engine = engine
+        self.sessions = Sessions(engine) if sessions is None else sessions
 
     def respond(self, text, history, session, image_path, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty, seed):
@@ -70,7 +140,12 @@ class WebChat:
         if not text:
             yield history, "", session, ""
             return
-        session = session or Session(self.engine.conversation())
+        used = self.sessions.use(session)
+        if used is not session and session is not None and history:  # it expired: the chat starts over
+            gr.Warning("这段对话闲置太久，已被清除，请重新开始。 This conversation was idle too long and was cleared; "
+                       "it starts over.")
+            history = []
+        session = used
         try:
             settings = GenerationSettings(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
@@ -85,15 +160,24 @@ class WebChat:
             return
         shown = history + ([{"role": "user", "content": {"path": new_image}}] if new_image else [])
         shown = shown + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        answer = ""
+        answer, stop = "", threading.Event()
+        session.stop = stop
+        stream = session.conversation.stream(text, image=image, settings=settings)
         try:
-            for piece in session.conversation.stream(text, image=image, settings=settings):
+            for piece in stream:
+                if stop.is_set():
+                    break
                 answer += piece
                 shown[-1] = {"role": "assistant", "content": answer}
                 yield shown, "", session, ""
         except SeeChatError as exc:
             gr.Warning(str(exc))
             yield history, text, session, ""
+            return
+        finally:
+            stream.close()  # a stopped answer: the model stops at its next token and is free for others
+        if stop.is_set():  # Clear chat, New image or expiry came during the answer: the page shows the cleared chat
+            yield [], "", None if session.closed else session, ""
             return
         if new_image:
             session.attached = new_image
@@ -102,30 +186,32 @@ class WebChat:
         finish = {"stop": "完 done", "length": "到达上限 hit max tokens"}.get(reply.finish_reason, reply.finish_reason)
         yield shown, "", session, f"{reply.seconds:.1f} 秒 s · {reply.completion_tokens} 词元 tokens · {finish}"
 
-    @staticmethod
-    def new_image():
-        """Start over: no image, no history."""
+    def new_image(self, session=None):
+        """Start over: no image, no history (an answer still streaming stops first, and the session is freed)."""
+        self.sessions.drop(session)
         return None, [], None, "", ""
 
     @staticmethod
     def clear_chat(session):
-        """Forget the history; the image in the box goes with the next question again."""
+        """Forget the history (an answer still streaming stops first); the image in the box goes with the next
+        question again."""
         if session is not None:
-            session.conversation.reset()
-            session.attached = None
+            session.clear()
         return [], session, ""
 
 
-def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
+def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None, args: WebArgs | None = None):
     """The Gradio Blocks page over `engine` (launch it yourself, or use `main`)."""
     import gradio as gr
 
-    defaults = defaults or GenerationSettings()
-    chat = WebChat(engine)
+    defaults, args = defaults or GenerationSettings(), args or WebArgs()
+    idle = args.session_idle_minutes * 60
+    chat = WebChat(engine, Sessions(engine, idle_seconds=idle, max_sessions=args.max_sessions))
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as page:
         gr.Markdown(f"## {TITLE}\n上传一张图片，然后提问。 Upload an image, then ask about it.")
-        session = gr.State(None)
+        # Gradio also deletes a closed tab's state, and this one after `idle` seconds: both free the session
+        session = gr.State(None, time_to_live=idle, delete_callback=chat.sessions.drop)
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(label="图片 Image", type="filepath", format="png", sources=["upload", "clipboard"],
@@ -154,7 +240,7 @@ def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None):
         outputs = [chatbot, question, session, stats]
         send.click(chat.respond, inputs, outputs)
         question.submit(chat.respond, inputs, outputs)
-        new_btn.click(chat.new_image, None, [image, chatbot, session, question, stats], queue=False)
+        new_btn.click(chat.new_image, [session], [image, chatbot, session, question, stats], queue=False)
         clear_btn.click(chat.clear_chat, [session], [chatbot, session, stats], queue=False)
     return page
 
@@ -167,7 +253,7 @@ def main(argv: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the page listens on %s: anyone who can reach this address can use the model", args.host)
     engine = ChatEngine(load_model(load_args))
-    page = build_page(engine, defaults)
+    page = build_page(engine, defaults, args)
     page.queue(default_concurrency_limit=1, max_size=args.max_queue)  # one engine: answers take turns
     log.info("web page at http://%s:%d", args.host, args.port)
     page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, ssr_mode=False,
