@@ -265,7 +265,8 @@ def test_remote_images_to_loopback_private_and_link_local_addresses_are_refused(
     targets = [f"{image_host}/red.png", f"http://localhost:{port}/red.png", f"http://[::1]:{port}/red.png",
                "http://10.0.0.1/cat.png", "http://192.168.1.1/cat.png", "http://172.16.0.1/cat.png",
                "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/cat.png", "http://0.0.0.0/cat.png",
-               "http://224.0.0.1/cat.png", "http://[::ffff:127.0.0.1]:80/cat.png"]
+               "http://224.0.0.1/cat.png", "http://[::ffff:127.0.0.1]:80/cat.png",
+               "http://[2002:7f00:1::1]/cat.png"]  # 6to4 around 127.0.0.1
     with serve(engine, allow_remote_images=True) as url:
         for target in targets:  # refused on the address alone: nothing is sent anywhere
             refused(post(url, {"messages": ask("x", target)}), 400, "image_url_not_allowed")

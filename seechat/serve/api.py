@@ -162,9 +162,9 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     app.state.scheduler = scheduler
     if args.api_key:
         app.add_middleware(BearerAuth, key=args.api_key)
-    if args.allow_origin:  # CORS answers (preflights included) for the origins let through; added after the key
+    if args.allow_origin:  # CORS answers for the origins let through; outside the key check: preflights carry no key
         app.add_middleware(CORSMiddleware, allow_origins=args.allow_origin, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # check, so preflights need no key
+                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(CrossSiteGuard, bound_host=args.host, allow_hosts=args.allow_host,
                        allow_origins=args.allow_origin)  # outermost: refused before anything else runs
 

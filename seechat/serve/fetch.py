@@ -98,14 +98,18 @@ def _resolve(host: str, port: int) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise FetchRefused("the image URL's host name could not be resolved") from None
-    address = ipaddress.ip_address(infos[0][4][0].split("%", 1)[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped or address
+    return ipaddress.ip_address(infos[0][4][0].split("%", 1)[0])
 
 
 def _is_public(address) -> bool:
+    """Global unicast, and so is any IPv4 address carried inside an IPv6 one (mapped, 6to4, Teredo)."""
+    if getattr(address, "ipv4_mapped", None):
+        return _is_public(address.ipv4_mapped)
+    inner = [getattr(address, "sixtofour", None)]
+    inner += list(getattr(address, "teredo", None) or ())
     return address.is_global and not (address.is_multicast or address.is_reserved or address.is_loopback
-                                      or address.is_link_local or address.is_private)
+                                      or address.is_link_local or address.is_private) and all(
+        _is_public(a) for a in inner if a is not None)
 
 
 def _connection(scheme: str, host: str, address, port: int, timeout: float) -> http.client.HTTPConnection:

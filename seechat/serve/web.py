@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..chat.engine import ChatEngine, Conversation, GenerationSettings
 from ..cli import LoadArgs, load_model, parse, setup_logging
-from ..data.images import load_image
+from ..data.images import load_image, needed_side
 from ..errors import ConfigError, SeeChatError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -128,6 +128,7 @@ class WebChat:
     def __init__(self, engine: ChatEngine, sessions: Sessions | None = None):
         self.engine = engine
         self.sessions = Sessions(engine) if sessions is None else sessions
+        self.min_side = needed_side(engine.model.processor.image_processor)  # uploads decode toward this size
 
     def respond(self, text, history, session, image_path, max_new_tokens, temperature, top_p, top_k,
                 repetition_penalty, seed):
@@ -153,7 +154,7 @@ class WebChat:
                 seed=None if seed is None or int(seed) < 0 else int(seed),
             )
             new_image = image_path if image_path and image_path != session.attached else None
-            image = load_image(new_image, name="the uploaded image") if new_image else None
+            image = load_image(new_image, name="the uploaded image", min_side=self.min_side) if new_image else None
         except SeeChatError as exc:
             gr.Warning(str(exc))
             yield history, text, session, ""
