@@ -337,3 +337,5 @@ def test_the_api_key_comes_from_a_file(engine, tmp_path, capsys):
         assert main(["serve", "--model", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--api-key", "k"]) == 2  # works, with a warning
+    assert "prefer --api-key-file PATH or SEECHAT_API_KEY" in capsys.readouterr().err
