@@ -62,7 +62,7 @@ def _data(root: Path) -> None:
         name, place = list(COLOURS)[i % 4], PLACES[i % 5]
         sample_image(COLOURS[name], size=128).save(root / "img" / f"{i}.png")
         caps.append({"image": f"img/{i}.png",
-                     "caption": f"图片里有一个{name}的圆形，它在图片的{place}，背景是白色的，没有别的东西。"})
+                     "caption": f"一个{name}的圆形在图片的{place}，背景是白色的，没有别的东西。"})
         turns = [("<image>\n这个圆形是什么颜色的？请说明理由。", f"这个圆形是{name}的，因为它的颜色和{name}的东西一样，很容易看出来。"),
                  ("它在图片的哪个位置？", f"它在图片的{place}，离边缘有一点距离。"),
                  ("图片里还有别的东西吗？", "没有别的东西了，只有一个圆形和白色的背景。")][: 1 + i % 3]

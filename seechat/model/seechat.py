@@ -166,7 +166,11 @@ def _plain_head(llm) -> bool:
     if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
                                                                   "logits_scaling", "output_multiplier_scale")):
         return False
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under a peft wrapper
+    if not type(base).__module__.startswith("transformers."):  # remote code: its forward may do more
+        return False
     try:
-        return llm.get_decoder() is not None and llm.get_output_embeddings() is not None
+        decoder = llm.get_decoder()
+        return decoder is not None and decoder is not base and llm.get_output_embeddings() is not None
     except (AttributeError, NotImplementedError):
         return False

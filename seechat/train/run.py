@@ -122,6 +122,8 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training: {exc}") from exc
 
+    if args.fsdp and args.use_cpu:  # accelerate 1.15 turns FSDP on only for GPU-like devices
+        log.warning("training.fsdp is ignored on the CPU (accelerate runs FSDP only on GPUs): this run is DDP")
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
