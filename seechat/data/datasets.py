@@ -11,8 +11,10 @@ import os
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from transformers import DataCollatorWithFlattening
 
 from ..errors import ImageError, SeeChatError
 from .images import load_image
@@ -51,7 +53,7 @@ class Encoder:
 def _sample(encoder: Encoder, fetch, root, where: str) -> dict:
     """encoder(fetch()) as a training sample, or {"bad": (where, why)} when the record or its images are unusable."""
     try:
-        return encoder(fetch(), root)
+        return {**encoder(fetch(), root), "where": where}
     except BadSample as exc:
         return {"bad": (where, str(exc))}
 
@@ -84,7 +86,7 @@ class IndexedDataset(Dataset):
 
     def lengths(self) -> list[int]:
         """Cheap size estimates for length-grouped batching (no image is opened)."""
-        return [p.text_length(j) + self.num_image_tokens for p in self.parts for j in range(len(p))]
+        return (np.concatenate([p.ends - p.offsets for p in self.parts]) + self.num_image_tokens).tolist()
 
 
 class StreamDataset(IterableDataset):
@@ -147,31 +149,37 @@ def _rank_world() -> tuple[int, int]:
 
 
 class Collator:
-    """Right-pads a batch; drops bad samples and reports them in the batch (the trainer counts them)."""
+    """Right-pads a batch (or, with packing, joins it into one row); drops bad samples and reports them in the
+    batch (the trainer counts them)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True) if packing else None
 
     def __call__(self, samples: list[dict]) -> dict:
         good = [s for s in samples if "bad" not in s]
         bad = [s["bad"] for s in samples if "bad" in s]
-        width = max((len(s["input_ids"]) for s in good), default=0)
-        ids = torch.full((len(good), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(good), width), dtype=torch.long)
-        for row, s in enumerate(good):
-            n = len(s["input_ids"])
-            ids[row, :n] = torch.tensor(s["input_ids"])
-            labels[row, :n] = torch.tensor(s["labels"])
-            mask[row, :n] = 1
+        if self.packing and good:
+            # One row, position ids restarting per sample, no attention mask: the text expert keeps the samples
+            # apart from the position ids; each sample's first label is masked so none predicts across a seam.
+            batch = dict(self.flatten([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in good]))
+        else:
+            width = max((len(s["input_ids"]) for s in good), default=0)
+            ids = torch.full((len(good), width), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(good), width), dtype=torch.long)
+            for row, s in enumerate(good):
+                n = len(s["input_ids"])
+                ids[row, :n] = torch.tensor(s["input_ids"])
+                labels[row, :n] = torch.tensor(s["labels"])
+                mask[row, :n] = 1
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         pixels = [s["pixel_values"] for s in good if s["pixel_values"] is not None]
-        batch = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
+        batch.update({
             "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0),
             "bad_samples": bad,
-        }
+            "sample_where": [s.get("where") for s in good],
+        })
         if all("index" in s for s in samples):
             batch["sample_index"] = torch.tensor([s["index"] for s in samples])
         return batch

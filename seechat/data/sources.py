@@ -36,6 +36,8 @@ DEFAULT_CAPTION_PROMPTS = [
     "简要说明图片的内容。",
 ]
 FORMATS = ("captions", "csv", "webdataset", "llava", "messages")
+UNREADABLE_SHARD = "unreadable shard"
+"""How a shard that cannot be read (not a tar, truncated, unreadable member) is reported as a bad sample."""
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -165,9 +167,11 @@ def messages_record(item, where: str) -> Record:
 
 # -- indexed sources (random access) -------------------------------------------------------------------------
 class IndexedSource:
-    """Random access to the records of a JSONL or LLaVA JSON file.
+    """Random access to the records of a JSONL or LLaVA JSON file, through byte offsets found once.
 
-    JSONL keeps only the byte offset of each line in memory; LLaVA JSON is one array and is read whole.
+    Only the offsets (8 bytes per record) are held in memory and copied into dataloader workers; each record is
+    read from disk and parsed when it is used. A LLaVA JSON array is scanned once for where each item starts and
+    ends (the items are parsed one at a time and dropped).
     """
 
     def __init__(self, source: DataSource, prompts: list[str], seed: int = 0):
@@ -175,32 +179,27 @@ class IndexedSource:
         path = Path(source.path)
         if not path.is_file():
             raise ConfigError(f"data file {source.path!r} does not exist")
-        self._items = None
         if source.format == "llava":
-            try:
-                self._items = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{source.path} is not valid JSON ({exc})") from exc
-            if not isinstance(self._items, list):
-                raise ConfigError(f"{source.path}: LLaVA data must be a JSON list of items")
-            self.offsets = None
+            self.offsets, self.ends = _json_array_offsets(path)
         else:
             self.offsets = _line_offsets(path)
+            self.ends = np.append(self.offsets[1:], path.stat().st_size).astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self._items) if self._items is not None else len(self.offsets)
+        return len(self.offsets)
 
     def record(self, i: int) -> Record:
-        where = f"{self.source.path}:{i + 1}" if self._items is None else f"{self.source.path}[{i}]"
-        if self._items is not None:
-            return llava_record(self._items[i], where)
+        llava = self.source.format == "llava"
+        where = f"{self.source.path}[{i}]" if llava else f"{self.source.path}:{i + 1}"
         with open(self.source.path, "rb") as fh:
             fh.seek(int(self.offsets[i]))
-            line = fh.readline()
+            raw = fh.read(int(self.ends[i] - self.offsets[i])) if llava else fh.readline()
         try:
-            item = json.loads(line)
+            item = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadSample(f"not valid JSON ({exc.__class__.__name__})") from exc
+        if llava:
+            return llava_record(item, where)
         if self.source.format == "messages":
             return messages_record(item, where)
         if not isinstance(item, dict):
@@ -209,11 +208,60 @@ class IndexedSource:
         return caption_record(item.get("caption"), item.get("image"), where, self.prompts, rng)
 
     def text_length(self, i: int) -> int:
-        """A cheap size estimate (characters of text) for length-grouped batching."""
-        if self._items is not None:
-            return sum(len(t.get("value", "")) for t in self._items[i].get("conversations", []) if isinstance(t, dict))
-        end = self.offsets[i + 1] if i + 1 < len(self.offsets) else None
-        return int((end - self.offsets[i]) if end is not None else 200)
+        """A cheap size estimate (bytes of the record) for length-grouped batching."""
+        return int(self.ends[i] - self.offsets[i])
+
+
+def _json_array_offsets(path: Path, block: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Byte ranges of the items of a JSON array file, read in 16 MB blocks.
+
+    The bytes are decoded as Latin-1 (one character per byte), so the decoder's character positions are byte
+    offsets; JSON's structure is ASCII, so item boundaries come out right whatever the text's encoding. The
+    items decoded on the way are dropped (each is parsed again, as UTF-8, when used). The standard library has
+    no incremental JSON reader that reports positions, hence this loop.
+    """
+    decoder = json.JSONDecoder()
+    starts: list[int] = []
+    ends: list[int] = []
+    with open(path, "rb") as fh:
+        buf, base, pos, eof = "", 0, 0, False
+
+        def more() -> bool:
+            nonlocal buf, base, pos, eof
+            chunk = fh.read(block)
+            eof = not chunk
+            buf, base, pos = buf[pos:] + chunk.decode("latin-1"), base + pos, 0
+            return not eof
+
+        def skip(chars: str) -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in chars:
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        if skip(" \t\r\n\ufeff\xef\xbb\xbf") != "[":
+            raise ConfigError(f"{path}: LLaVA data must be a JSON list of items (the file does not start with '[')")
+        pos += 1
+        while True:
+            c = skip(" \t\r\n,")
+            if c == "]":
+                break
+            if c == "":
+                raise ConfigError(f"{path} is not valid JSON: the list is not closed (a truncated file?)")
+            try:
+                _, end = decoder.raw_decode(buf, pos)
+                if end == len(buf) and not eof:  # a number cut by the block edge would decode short
+                    raise json.JSONDecodeError("needs more", buf, end)
+            except json.JSONDecodeError as exc:
+                if more():
+                    continue
+                raise ConfigError(f"{path} is not valid JSON near byte {base + exc.pos} ({exc.msg})") from exc
+            starts.append(base + pos)
+            ends.append(base + end)
+            pos = end
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
 def _line_offsets(path: Path) -> np.ndarray:
@@ -278,9 +326,26 @@ def _shard_records(source, prompts, rng, seed, epoch, part, parts):
     shards = shard_list(source.path)
     order = random.Random(f"{seed}:{epoch}").sample(shards, len(shards))
     mine = order[part::parts] if len(order) >= parts else order
+    errors: list[Exception] = []
+
+    def keep_going(exc: Exception) -> bool:  # an unreadable shard or tar member: count it, go on
+        errors.append(exc)
+        return True
+
+    def unreadable():
+        while errors:
+            exc = errors.pop(0)
+            url = next((a for a in reversed(exc.args) if isinstance(a, str) and a != str(exc.args[0])), "?")
+            if len(order) < parts and url in order and order.index(url) % parts != part:
+                continue  # every reader reads this shard; one of them counts it
+            bad = BadSample(f"{UNREADABLE_SHARD} ({exc.__class__.__name__}: {str(exc.args[0])[:80] if exc.args else ''})")
+            bad.where, bad.shard = url, url
+            yield bad
+
     samples = wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                             handler=wds.warn_and_continue)
+                             handler=keep_going)
     for i, sample in enumerate(samples):
+        yield from unreadable()
         if len(order) < parts and i % parts != part:  # fewer shards than readers: split samples instead
             continue
         where = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
@@ -290,11 +355,12 @@ def _shard_records(source, prompts, rng, seed, epoch, part, parts):
             if caption is None and "json" in sample:
                 caption = json.loads(sample["json"]).get("caption")
             yield caption_record(caption, image, where, prompts, rng)
-        except (BadSample, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (BadSample, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
             bad = exc if isinstance(exc, BadSample) else BadSample(f"unreadable caption ({exc.__class__.__name__})")
             bad.where = where
             yield bad
+    yield from unreadable()
 
 
-__all__ = ["DataSource", "Record", "BadSample", "IndexedSource", "stream_records", "DEFAULT_CAPTION_PROMPTS",
+__all__ = ["UNREADABLE_SHARD", "DataSource", "Record", "BadSample", "IndexedSource", "stream_records", "DEFAULT_CAPTION_PROMPTS",
            "caption_record", "conversation_record"]

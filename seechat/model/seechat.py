@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import SeeChatConfig
-from ..data.processor import SeeChatProcessor
+from ..data.processor import IGNORE_INDEX, SeeChatProcessor
 from ..errors import SeeChatError
 from .vision import VisionExpert
 
@@ -44,6 +44,8 @@ class SeeChat(nn.Module):
                 f"{self.num_image_tokens}"
             )
         self.image_token_id = processor.image_token_id
+        self.supervised_head = False
+        """Training: compute the output layer and loss only where labels are set (seechat train turns it on)."""
 
     # -- properties -----------------------------------------------------------------------------------
     @property
@@ -108,7 +110,31 @@ class SeeChat(nn.Module):
         if image_embeds is None and pixel_values is not None and pixel_values.numel():
             image_embeds = self.encode_images(pixel_values)
         inputs_embeds = self.embed(input_ids, image_embeds)
+        if labels is not None:  # training: no KV cache (with one, packed samples would not be kept apart)
+            kwargs["use_cache"] = False
+        if labels is not None and self.supervised_head and _plain_head(self.llm):
+            return self._supervised_loss(inputs_embeds, attention_mask, labels, **kwargs)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _supervised_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
+        """The causal-LM loss with the output layer applied only at positions whose next token has a label.
+
+        The same loss as the text expert's own (next-token cross-entropy in fp32, summed over labelled tokens
+        and divided by num_items_in_batch, or averaged), but a caption that supervises 30 of 290 positions
+        computes 30 rows of vocabulary logits instead of 290. The logits returned are those rows only.
+        """
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("logits_to_keep", None)
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)[0]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        if torch.is_tensor(count):
+            count = count.to(loss.device)
+        return CausalLMOutputWithPast(loss=loss / count, logits=logits)
 
     def train(self, mode: bool = True) -> "SeeChat":
         """Like nn.Module.train, but a part with no trainable parameter stays in eval mode (no dropout)."""
@@ -131,3 +157,20 @@ class SeeChat(nn.Module):
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         if any(p.requires_grad for p in self.vision.parameters()):
             self.vision.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+
+
+def _plain_head(llm) -> bool:
+    """True when logits are just the output layer applied to the decoder's last hidden state (no logit scaling
+    or soft-capping, which some families add in their own forward), so the supervised-positions path is exact."""
+    cfg = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
+                                                                  "logits_scaling", "output_multiplier_scale")):
+        return False
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under a peft wrapper
+    if not type(base).__module__.startswith("transformers."):  # remote code: its forward may do more
+        return False
+    try:
+        decoder = llm.get_decoder()
+        return decoder is not None and decoder is not base and llm.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False

@@ -52,6 +52,8 @@ class VisionExpert(nn.Module):
         self.grid = grid
         patches = grid * grid if config.pool == "none" else (grid // 2) ** 2
         self.num_tokens: int = patches + int(self.has_cls and config.keep_cls)
+        self.only_needed_layers = False
+        """Run the encoder only up to feature_layer (the same features; seechat train turns it on)."""
         n_layers = mc.num_hidden_layers
         if not -n_layers - 1 <= config.feature_layer <= n_layers:
             raise ConfigError(
@@ -64,8 +66,19 @@ class VisionExpert(nn.Module):
         return next(self.model.parameters()).dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.feature_layer]
+        index = self.config.feature_layer % (self.model.config.num_hidden_layers + 1)  # into hidden_states
+        encoder = getattr(getattr(self.model, "vision_model", self.model), "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if self.only_needed_layers and isinstance(layers, nn.ModuleList) and index < len(layers):
+            # The layers after the feature layer cannot change the features: leave them out of this call.
+            encoder.layers = layers[:index]
+            try:
+                out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+            finally:
+                encoder.layers = layers
+        else:
+            out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[index]
         if self.config.post_layernorm:
             feats = _post_layernorm(self.model)(feats)
         cls, patches = (feats[:, :1], feats[:, 1:]) if self.has_cls else (None, feats)

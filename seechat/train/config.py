@@ -77,6 +77,42 @@ class DataConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches that make a training step cheaper without changing what is learned (each measured in
+    bench/bench_train.py)."""
+
+    supervised_head: bool = True
+    """Compute the text expert's output layer and loss only at the positions that carry a label (Stage I captions
+    supervise ~30 of ~290 positions; a 150k vocabulary makes the output layer the largest cost). Same loss."""
+    packing: bool = False
+    """Padding-free batches: the samples of a batch are joined into one row with position ids restarting per
+    sample (transformers' DataCollatorWithFlattening), so no padding is computed. Needs an attention that keeps
+    the samples apart from position ids: flash_attention_2 on CUDA; sdpa and eager do it with a block-diagonal
+    mask (which on a CPU costs more than the padding it saves unless lengths vary a lot)."""
+    vision_only_needed_layers: bool = True
+    """Run the vision expert only up to the layer whose features the bridge uses (vision.feature_layer -2
+    skips the last layer). Same features."""
+    cpu_bf16: str = "auto"
+    """bf16 autocast on CPUs: 'auto' turns it on when the CPU has native bf16 (AVX512-BF16 or AMX in
+    /proc/cpuinfo) and training sets neither bf16 nor fp16; 'on' / 'off' force it. Trainable weights stay fp32."""
+    attn_implementation: str | None = None
+    """The text expert's attention: sdpa, eager, flash_attention_2, flex_attention ... (None: the model's default)."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_bf16 not in ("auto", "on", "off"):
+            raise ConfigError(f"speed.cpu_bf16 must be auto, on or off, got {self.cpu_bf16!r}")
+
+
+def cpu_has_bf16() -> bool:
+    """True when /proc/cpuinfo lists native bf16 arithmetic (avx512_bf16 or amx_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
 class TrainConfig:
     """One training run (Stage I `align` or Stage II `instruct`)."""
 
@@ -91,12 +127,15 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: dict[str, Any] = field(default_factory=dict)
     """transformers.TrainingArguments fields, over seechat's stage defaults."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """Faster steps (see SpeedConfig); all but packing are on by default."""
     dtype: str = "auto"
     """Storage dtype of frozen parts: fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU). Trainable weights stay fp32."""
     quantize: str | None = None
     """'4bit' or '8bit': load the frozen text expert quantised (bitsandbytes, CUDA) and train LoRA on it (QLoRA)."""
-    resume: bool = False
-    """Continue from the last complete checkpoint in output_dir."""
+    resume: bool | str = False
+    """true: continue from the last complete checkpoint in output_dir (none there is an error); 'auto': continue
+    if there is one, else start afresh; false: start afresh (an output_dir with checkpoints needs overwrite)."""
     overwrite: bool = False
     """Allow starting afresh in an output_dir that already has checkpoints."""
 
@@ -109,6 +148,8 @@ class TrainConfig:
             raise ConfigError("data.train needs at least one source")
         if "output_dir" in self.training:
             raise ConfigError("set output_dir at the top level, not in training")
+        if self.resume not in (True, False, "auto"):
+            raise ConfigError(f"resume must be true, false or auto, got {self.resume!r}")
         if self.quantize not in (None, "4bit", "8bit"):
             raise ConfigError(f"quantize must be 4bit, 8bit or null, got {self.quantize!r}")
         if self.quantize and self.parts.llm in ("full", "frozen"):
@@ -122,6 +163,9 @@ class TrainConfig:
         if not torch.cuda.is_available():  # a laptop or CPU server: say so, so bf16 means CPU autocast
             args.setdefault("use_cpu", True)
             args.setdefault("dataloader_pin_memory", False)
+        if args.get("use_cpu") and not args.get("bf16") and not args.get("fp16"):
+            if self.speed.cpu_bf16 == "on" or (self.speed.cpu_bf16 == "auto" and cpu_has_bf16()):
+                args["bf16"] = True
         if self.data.streamed:
             if args.get("max_steps", -1) in (-1, None):
                 raise ConfigError("streamed data (webdataset or CSV) has no length: set training.max_steps")

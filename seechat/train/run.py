@@ -3,6 +3,7 @@
     seechat train align --config configs/toy_align.yaml
     seechat train instruct --config configs/toy_instruct.yaml init_from=runs/align/model
     seechat train align --config FILE.yaml --resume           # continue after an interruption
+    seechat train align --config FILE.yaml --resume auto      # continue if there is a checkpoint, else start
     accelerate launch --config_file configs/accelerate/ddp.yaml -m seechat train align --config FILE.yaml
 
 The output directory gets checkpoint-N/ folders (each a model directory `seechat chat` loads, with the
@@ -24,13 +25,14 @@ from .config import STAGES, TrainConfig, load_config
 
 log = logging.getLogger("seechat")
 
-USAGE = """usage: seechat train {align,instruct} --config FILE.yaml [key=value ...] [--resume]
+USAGE = """usage: seechat train {align,instruct} --config FILE.yaml [key=value ...] [--resume [auto]]
 
   align      Stage I: train the bridge on image-caption pairs (experts frozen)
   instruct   Stage II: train the bridge and the text expert (LoRA or full) on conversations
 
   key=value  override a config entry, e.g. training.max_steps=100 data.max_length=512 parts.llm=full
-  --resume   continue from the last complete checkpoint in output_dir"""
+  --resume   continue from the last complete checkpoint in output_dir (none there: an error)
+  --resume auto   the same, but start afresh when there is no complete checkpoint"""
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +52,13 @@ def main(argv: list[str]) -> int:
         if arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
         elif arg == "--resume":
-            overrides.append("resume=true")
+            if i + 1 < len(rest) and rest[i + 1] == "auto":
+                overrides.append("resume=auto")
+                i += 1
+            else:
+                overrides.append("resume=true")
+        elif arg == "--resume=auto":
+            overrides.append("resume=auto")
         elif arg in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -90,10 +98,20 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
     if cfg.resume:
         done = complete_checkpoints(out)
         resume_from = done[0] if done else None
-        skipped = [d for d in existing if done and int(d.name.split("-")[-1]) > int(done[0].name.split("-")[-1])]
-        for d in skipped:
+        newer = [d for d in existing if d.name.split("-")[-1].isdigit()
+                 and (not done or int(d.name.split("-")[-1]) > int(done[0].name.split("-")[-1]))]
+        for d in newer:
             log.warning("ignoring %s: it was not completely written (the run was interrupted while saving)", d)
-        log.info("resuming from %s", resume_from) if resume_from else log.info("no checkpoint yet: starting afresh")
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        elif cfg.resume == "auto":
+            log.info("no complete checkpoint in %s: starting afresh (resume auto)", out)
+        else:
+            found = f" (found only incomplete ones: {', '.join(d.name for d in existing)})" if existing else ""
+            raise ConfigError(
+                f"--resume: no complete checkpoint in {out}{found}. Check output_dir, use --resume auto to start "
+                "afresh when there is none, or leave out --resume"
+            )
     elif existing and not cfg.overwrite:
         raise ConfigError(
             f"{out} already has checkpoints ({existing[-1].name}, ...): pass --resume to continue that run, "
@@ -104,6 +122,8 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training: {exc}") from exc
 
+    if args.fsdp and args.use_cpu:  # accelerate 1.15 turns FSDP on only for GPU-like devices
+        log.warning("training.fsdp is ignored on the CPU (accelerate runs FSDP only on GPUs): this run is DDP")
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
@@ -117,6 +137,17 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
         model = build(cfg.model, device=where, dtype=dtype, quantize=cfg.quantize)
     if cfg.quantize and stage == "align" and cfg.parts.llm is None:
         raise ConfigError("quantize is for Stage II (QLoRA); Stage I keeps the text expert frozen anyway")
+    speed = cfg.speed
+    model.supervised_head = speed.supervised_head
+    model.vision.only_needed_layers = speed.vision_only_needed_layers
+    if speed.attn_implementation:
+        try:
+            model.llm.set_attn_implementation(speed.attn_implementation)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"speed.attn_implementation {speed.attn_implementation!r}: {exc}") from exc
+    log.info("speed: supervised_head %s, packing %s, vision_only_needed_layers %s, bf16 %s, attention %s",
+             speed.supervised_head, speed.packing, speed.vision_only_needed_layers, args.bf16,
+             getattr(model.llm.config, "_attn_implementation", "?"))
     parts = cfg.parts.resolve(stage)
     counts = apply_parts(model, parts, cfg.lora)
     upcast_trainable(model)
@@ -139,7 +170,7 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(model.tokenizer.pad_token_id),
+        data_collator=Collator(model.tokenizer.pad_token_id, packing=speed.packing),
         llm_weights="full" if parts["llm"] == "full" else "auto",
         run_yaml=run_yaml,
         max_bad_ratio=data.max_bad_ratio,

@@ -16,10 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import IterableDatasetShard
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from ..data.datasets import IndexedDataset
+from ..data.datasets import IndexedDataset, StreamDataset
+from ..data.sources import UNREADABLE_SHARD
 from ..errors import SeeChatError
 from ..model.checkpoint import CONFIG_NAME, BRIDGE_NAME, load_weights
 
@@ -44,9 +46,11 @@ class SeeChatTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bad = inputs.pop("bad_samples", [])
         inputs.pop("sample_index", None)
+        where = inputs.pop("sample_where", None)  # one per good sample, also when packing joins them in one row
+        good = len(where) if where is not None else inputs["input_ids"].shape[0]
         if model.training:
-            self.data_guard.count(inputs["input_ids"].shape[0], bad)
-        if inputs["input_ids"].shape[0] == 0:  # every sample of this batch was bad: a step that changes nothing
+            self.data_guard.count(good, bad)
+        if good == 0:  # every sample of this batch was bad: a step that changes nothing
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, None) if return_outputs else loss
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -70,7 +74,20 @@ class SeeChatTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if any(Path(resume_from_checkpoint).glob("pytorch_model_fsdp_*")):  # FSDP's sharded layout: its own loader
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights(_unwrap(self.accelerator.unwrap_model(model or self.model)), resume_from_checkpoint)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # A StreamDataset already gives each rank and dataloader worker its own share. accelerate's prepare wraps
+        # an iterable dataset in IterableDatasetShard, which would keep 1 of every N batches of that share (the
+        # rest decoded for nothing). Make the wrapper a passthrough, as the Trainer does for its rank-aware
+        # BatchRebalanceSampler, so there is one sharding layer.
+        shard = getattr(loader, "dataset", None)
+        if isinstance(shard, IterableDatasetShard) and isinstance(shard.dataset, StreamDataset):
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -129,8 +146,14 @@ class DataGuard(TrainerCallback):
         self._check(final=True)
         good, bad = self.totals
         reasons = Counter(re.sub(r"'[^']*'|\d+", "…", r)[:80] for _, r in self.bad)
+        shards = sorted({w for w, r in self.bad if r.startswith(UNREADABLE_SHARD)})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, shards)
+            shards = sorted({w for part in gathered for w in part})
         report = {"samples_used": good, "samples_skipped": bad,
                   "skipped_ratio": round(bad / max(1, good + bad), 6),
+                  "unreadable_shards": shards,
                   "reasons_on_this_rank": dict(reasons.most_common(20)),
                   "examples_on_this_rank": [{"where": w, "reason": r} for w, r in self.bad[:20]]}
         if args.should_save:
@@ -175,12 +198,36 @@ def plot_losses(history: list[dict], path: Path, title: str | None = None) -> Pa
     return path
 
 
+def checkpoint_backend(d: Path) -> str | None:
+    """Which backend's complete layout checkpoint folder `d` holds: 'ddp', 'fsdp', 'deepspeed', or None.
+
+    The Trainer writes trainer_state.json after the model and the optimizer state, so a folder without it was
+    cut short. The optimizer state's layout differs per backend:
+      DDP / one process  optimizer.pt
+      FSDP (accelerate)  optimizer.bin (full state dict), optimizer_0/ with its .metadata (sharded, written
+                         last by torch.distributed.checkpoint), or optimizer_0_rank*.bin (local state dicts)
+      DeepSpeed          `latest` naming a global_step*/ folder holding *optim_states.pt and *model_states.pt
+    """
+    if not (d / "trainer_state.json").is_file():
+        return None
+    latest = d / "latest"
+    if latest.is_file():
+        tag = d / latest.read_text(encoding="utf-8", errors="replace").strip()
+        if tag.is_dir() and any(tag.glob("*optim_states.pt")) and any(tag.glob("*model_states.pt")):
+            return "deepspeed"
+        return None
+    if (d / "optimizer_0" / ".metadata").is_file() or (d / "optimizer.bin").is_file() or any(
+            d.glob("optimizer_0_rank*.bin")):
+        if (d / CONFIG_NAME).is_file() or any(d.glob("pytorch_model_fsdp_0*")):
+            return "fsdp"
+        return None
+    if (d / "optimizer.pt").is_file() and (d / CONFIG_NAME).is_file() and (d / BRIDGE_NAME).is_file():
+        return "ddp"
+    return None
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-N folders that finished writing (model, optimizer and trainer state), newest first."""
-    found = []
-    for d in Path(output_dir).glob("checkpoint-*"):
-        if d.name.split("-")[-1].isdigit() and all(
-            (d / f).is_file() for f in (CONFIG_NAME, BRIDGE_NAME, "trainer_state.json", "optimizer.pt")
-        ):
-            found.append(d)
+    """checkpoint-N folders that finished writing (see checkpoint_backend), newest first."""
+    found = [d for d in Path(output_dir).glob("checkpoint-*")
+             if d.name.split("-")[-1].isdigit() and d.is_dir() and checkpoint_backend(d)]
     return sorted(found, key=lambda d: int(d.name.split("-")[-1]), reverse=True)
