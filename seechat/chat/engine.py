@@ -18,7 +18,8 @@ question; if the current question with its image still does not fit, ContextOver
 
 from __future__ import annotations
 
-import queue
+import copy
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -89,14 +90,22 @@ class Reply:
 
 @dataclass
 class _KV:
+    """A KV cache and the key of each position it holds (see prefix_keys)."""
+
     cache: DynamicCache | None = None
-    ids: list[int] = field(default_factory=list)
+    keys: list = field(default_factory=list)
 
 
 @dataclass
 class _Image:
     image: Image.Image
     embeds: torch.Tensor | None = None
+    digest: str = ""
+    """A hash of the image's content: the identity of its positions in a KV cache key."""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = image_digest(self.image)
 
 
 class ChatEngine:
@@ -130,25 +139,35 @@ class ChatEngine:
         """Stream the answer to the conversation in `state`, whose last message is the user's question.
 
         `state.messages` are {'role', 'content'} dicts with one <image> marker per entry of `state.images`.
-        On return `state` holds what was kept (see the context rule) plus the answer, and the KV cache for
-        the next turn; `reply` is filled in.
+        When the turn completes, `state` holds what was kept (see the context rule) plus the answer, and the KV
+        cache for the next turn; `reply` is filled in. A turn that fails, is cancelled or is abandoned by its
+        consumer leaves `state` exactly as it was: the turn works on a fork of the cache (the layers' tensors are
+        shared, never written in place) and stores its results back only on success.
         """
         settings = settings or GenerationSettings()
         reply = reply if reply is not None else Reply()
         cancel = cancel or threading.Event()
         start = time.perf_counter()
         with self.lock:
-            ids, max_new = self._fit(state, settings, reply)
-            image_embeds = self._image_embeds(state.images)
-            cache, cached = self._prefill(ids, image_embeds, state.kv)
+            ids, max_new, messages, images = self._fit(state, settings, reply)
+            image_embeds = self._image_embeds(images)
+            keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens, [e.digest for e in images])
+            cache, cached = self._prefill(ids, keys, image_embeds, state.kv)
             reply.prompt_tokens, reply.prefill_tokens = len(ids), len(ids) - cached
-            yield from self._generate(ids, cache, settings, max_new, reply, cancel, state.kv)
-        state.messages.append({"role": "assistant", "content": reply.text})
+            kv = _KV()
+            yield from self._generate(ids, keys, cache, settings, max_new, reply, cancel, kv)
+            if reply.finish_reason == "cancelled":
+                reply.seconds = time.perf_counter() - start
+                return
+            state.messages[:] = [*messages, {"role": "assistant", "content": reply.text}]
+            state.images[:] = images
+            state.kv = kv
         reply.seconds = time.perf_counter() - start
 
-    def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply) -> tuple[list[int], int]:
+    def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
 
+        Returns the prompt ids, the answer's room, and the kept messages and images (`state` is not changed).
         The fewest exchanges to drop are found by bisection, so a long history costs a few renders, not one per
         exchange (a request with thousands of messages must not hold the engine for minutes).
         """
@@ -181,12 +200,13 @@ class ChatEngine:
                     ids, k = trial, mid
                 else:
                     lo = mid + 1
+        messages, images = list(state.messages), list(state.images)
         for start, end in reversed(spans[:k]):  # newest first, so earlier indices stay valid
-            first_image = _count_markers(state.messages[:start])
-            del state.images[first_image : first_image + _count_markers(state.messages[start:end])]
-            del state.messages[start:end]
+            first_image = _count_markers(messages[:start])
+            del images[first_image : first_image + _count_markers(messages[start:end])]
+            del messages[start:end]
             reply.dropped_messages += end - start
-        return ids, min(settings.max_new_tokens, limit - len(ids))
+        return ids, min(settings.max_new_tokens, limit - len(ids)), messages, images
 
     def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
         todo = [e for e in entries if e.embeds is None]
@@ -200,14 +220,17 @@ class ChatEngine:
             return None
         return torch.cat([e.embeds for e in entries]).to(self.model.device)
 
-    def _prefill(self, ids: list[int], image_embeds, kv: _KV) -> tuple[DynamicCache, int]:
-        """Bring the KV cache up to all prompt tokens but the last; return it and how many were reused."""
+    def _prefill(self, ids: list[int], keys: list, image_embeds, kv: _KV) -> tuple[DynamicCache, int]:
+        """A cache holding all prompt tokens but the last; return it and how many positions were reused.
+
+        Reuse runs as far as the keys agree: token ids, and for image positions the image's content hash, so a
+        slot that now holds another image is computed again. The cache in `kv` is forked, never changed.
+        """
         reused = 0
         if self.reuse_cache and kv.cache is not None:
-            reused = _common_prefix(kv.ids, ids)
-            reused = min(reused, len(ids) - 1, kv.cache.get_seq_length())
-            kv.cache.crop(reused - kv.cache.get_seq_length())  # a negative count removes that many tokens
-            cache = kv.cache
+            reused = min(_common_prefix(kv.keys, keys), len(ids) - 1, kv.cache.get_seq_length())
+            cache = fork_cache(kv.cache)
+            cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
         else:
             cache = DynamicCache(config=self.model.llm.config)
         todo = torch.tensor([ids[reused:-1]], device=self.model.device)
@@ -218,10 +241,11 @@ class ChatEngine:
             part = flat[before : before + here] if here else None
             with torch.no_grad():
                 embeds = self.model.embed(todo, part)
-                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True)
+                # logits for the last position only: the prompt's full logits would be len x vocabulary floats
+                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
         return cache, reused
 
-    def _generate(self, ids, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
+    def _generate(self, ids, keys, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
         model, tok = self.model, self.model.tokenizer
         input_ids = torch.tensor([ids], device=model.device)
         if model.image_token_id >= self._vocab:  # ids past the vocabulary would break logits processors
@@ -283,7 +307,7 @@ class ChatEngine:
         else:
             reply.finish_reason = "length"
         kv.cache = cache
-        kv.ids = out[0, : cache.get_seq_length()].tolist()
+        kv.keys = (keys + new)[: cache.get_seq_length()]
 
 
 @dataclass
@@ -321,16 +345,14 @@ class Conversation:
             raise SeeChatError(f"the text may not contain {IMAGE_MARKER!r}: pass the image with image=...")
         settings = settings or GenerationSettings(**kwargs)
         entry = None if image is None else _Image(image if isinstance(image, Image.Image) else load_image(image))
-        saved = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
-        self.state.messages.append({"role": "user", "content": (IMAGE_PREFIX + text) if entry else text})
+        turn = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
+        turn.messages.append({"role": "user", "content": (IMAGE_PREFIX + text) if entry else text})
         if entry:
-            self.state.images.append(entry)
+            turn.images.append(entry)
         reply = Reply()
-        try:
-            yield from self.engine.stream_chat(self.state, settings, reply=reply)
-        except BaseException:
-            self.state = saved  # a failed or abandoned turn leaves the history as it was
-            raise
+        yield from self.engine.stream_chat(turn, settings, reply=reply)
+        if reply.finish_reason != "cancelled":  # a failed, cancelled or abandoned turn leaves the state as it was
+            self.state = turn
         self.last_reply = reply
 
     def ask(self, text: str, image=None, settings: GenerationSettings | None = None, **kwargs) -> str:
@@ -370,6 +392,40 @@ class _Cancel(StoppingCriteria):
             tail = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
             done = _find_stop(tail, self.stop) is not None
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def image_digest(image: Image.Image) -> str:
+    """A hash of an image's content (mode, size and pixels): equal images share KV cache positions, others never."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def prefix_keys(ids: list[int], image_token_id: int, per_image: int, digests: list[str]) -> list:
+    """The KV cache key of each position: its token id, or for an image position (image digest, index in the image).
+
+    Every image slot holds the same placeholder id, so a match on ids alone would reuse one image's keys and
+    values for another (SGLang and vLLM mix a hash of the image into their cache keys for the same reason).
+    """
+    keys: list = list(ids)
+    seen = 0
+    for i, t in enumerate(ids):
+        if t == image_token_id:
+            image = seen // per_image
+            keys[i] = (digests[image] if image < len(digests) else None, seen % per_image)
+            seen += 1
+    return keys
+
+
+def fork_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache that starts as `cache` and can be cropped and extended without changing it.
+
+    DynamicCache layers replace their tensors on every update and crop (torch.cat, slicing), never write into
+    them, so copying the layer objects shares the tensors without copying them.
+    """
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    return forked
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:
