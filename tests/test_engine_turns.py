@@ -117,3 +117,28 @@ def test_a_cancelled_abandoned_or_failed_turn_leaves_conversation_and_cache_as_b
     assert conv.last_reply.token_ids == fresh.last_reply.token_ids
     assert conv.messages == fresh.messages
     assert conv.last_reply.prefill_tokens < conv.last_reply.prompt_tokens - model.num_image_tokens
+
+
+def test_an_image_token_past_the_vocabulary_gets_a_mean_row_and_reuse_stays_exact(experts, red, blue, tmp_path):
+    model = _model(experts, image_token="<img_pad>")  # a new token: its id is the text expert's vocabulary size
+    table = model.llm.get_input_embeddings().weight
+    assert model.image_token_id == table.shape[0] - 1 == model.llm.get_output_embeddings().weight.shape[0] - 1
+    assert torch.allclose(table[-1], table[:-1].mean(0), atol=1e-6)
+    turns = [(DESCRIBE, red), ("它在哪里？", None), (DESCRIBE, blue), ("这个形状是什么颜色？", None)]
+    settings = dict(repetition_penalty=1.3)  # sees the prompt ids, image ids included
+    reused = [r.token_ids for r in _run_with(ChatEngine(model), turns, settings)]
+    fresh = [r.token_ids for r in _run_with(ChatEngine(model, reuse_cache=False), turns, settings)]
+    assert reused == fresh and all(model.image_token_id not in r for r in reused)
+    model.save(tmp_path / "m")
+    again = seechat.load(tmp_path / "m", device="cpu")
+    assert again.image_token_id == model.image_token_id
+    assert [r.token_ids for r in _run_with(ChatEngine(again), turns, settings)] == reused
+
+
+def _run_with(engine, turns, settings):
+    conv = engine.conversation()
+    out = []
+    for text, image in turns:
+        conv.ask(text, image=image, max_new_tokens=6, **settings)
+        out.append(conv.last_reply)
+    return out

@@ -25,7 +25,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..data.images import load_image
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .engine import IMAGE_PREFIX, GenerationSettings, Reply, _find_stop, generation_config
+from ..data.processor import IMAGE, content
+from .engine import GenerationSettings, Reply, _find_stop, generation_config
 
 
 def generate_batch(
@@ -65,20 +66,18 @@ def generate_batch(
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     present = [im for im in pil if im is not None]
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
         image_embeds = None
         if present:
             image_embeds = model.encode_images(model.processor.pixel_values(present).to(model.device))
         embeds = model.embed(ids, image_embeds)
-        # the prompt ids go along for the logits processors; an image id past the vocabulary would break them
-        prompt_ids = ids.masked_fill(ids == model.image_token_id, pad) if model.image_token_id >= vocab else ids
         config = generation_config(model, settings, max_new, pad)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         criteria = StoppingCriteriaList([_StopStrings(settings.stop, tok, width)]) if settings.stop else None
         out = model.llm.generate(
-            input_ids=prompt_ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+            # the ids go along for the logits processors (repetition_penalty)
+            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
             stopping_criteria=criteria,
         )
     new = out[:, width:].tolist()
@@ -93,7 +92,7 @@ def _render(model: SeeChat, text: str, with_image: bool, history: list | None = 
         if "<image>" in question or (answer and "<image>" in answer):
             raise SeeChatError("the text may not contain '<image>': pass the image separately")
         first = not messages
-        messages.append({"role": "user", "content": (IMAGE_PREFIX + question) if with_image and first else question})
+        messages.append({"role": "user", "content": content([IMAGE, question] if with_image and first else [question])})
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
     return model.processor.render(messages, num_images=int(with_image), add_generation_prompt=True).input_ids

@@ -30,12 +30,9 @@ from PIL import Image
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data.images import load_image
-from ..data.processor import IMAGE_MARKER, check_messages
+from ..data.processor import IMAGE, IMAGE_MARKER, check_messages, content
 from ..errors import ConfigError, ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-
-IMAGE_PREFIX = IMAGE_MARKER + "\n"
-"""How an image is attached to a message that has no explicit marker: in front of the text."""
 
 
 @dataclass
@@ -116,7 +113,6 @@ class ChatEngine:
         self.reuse_cache = reuse_cache
         self.lock = threading.Lock()
         tok = model.tokenizer
-        self._vocab = model.llm.get_output_embeddings().weight.shape[0]
         self._safe_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # -- conveniences ---------------------------------------------------------------------------------
@@ -248,8 +244,6 @@ class ChatEngine:
     def _generate(self, ids, keys, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
         model, tok = self.model, self.model.tokenizer
         input_ids = torch.tensor([ids], device=model.device)
-        if model.image_token_id >= self._vocab:  # ids past the vocabulary would break logits processors
-            input_ids = input_ids.masked_fill(input_ids == model.image_token_id, self._safe_id)
         config = generation_config(model, settings, max_new, self._safe_id)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
@@ -346,7 +340,7 @@ class Conversation:
         settings = settings or GenerationSettings(**kwargs)
         entry = None if image is None else _Image(image if isinstance(image, Image.Image) else load_image(image))
         turn = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
-        turn.messages.append({"role": "user", "content": (IMAGE_PREFIX + text) if entry else text})
+        turn.messages.append({"role": "user", "content": content([IMAGE, text] if entry else [text])})
         if entry:
             turn.images.append(entry)
         reply = Reply()
@@ -365,7 +359,6 @@ class Conversation:
 # -- helpers ------------------------------------------------------------------------------------------
 def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int, pad: int) -> GenerationConfig:
     """The stock-generate settings for `settings` (greedy at temperature 0); the image token is never generated."""
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
     sample = settings.temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new,
@@ -376,7 +369,7 @@ def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=model.stop_token_ids or None,
         pad_token_id=pad,
-        suppress_tokens=[model.image_token_id] if model.image_token_id < vocab else None,
+        suppress_tokens=[model.image_token_id],
     )
 
 
