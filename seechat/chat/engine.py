@@ -10,6 +10,11 @@ prefills only its new text, and streams the answer with stock `generate`.
     for piece in conv.stream("它是什么颜色？"):
         print(piece, end="", flush=True)
 
+Prefix cache (`prefix_cache_bytes` > 0, what `seechat serve` uses): the KV caches of finished turns are kept,
+least recently used first out past the byte budget, keyed by token ids and image content hashes, so a client
+that re-sends its history (as every OpenAI client does) prefills only the new part; `Reply.cached_tokens` says
+how many prompt tokens came from a cache.
+
 Context rule: when the prompt plus the room kept for the answer (max_new_tokens, at most a quarter of the
 context) does not fit, whole exchanges (a user message and its answer) are dropped, oldest first. The
 exchange that carries the newest image is dropped last, and never while it belongs to the current
@@ -22,6 +27,7 @@ import copy
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -81,6 +87,8 @@ class Reply:
     completion_tokens: int = 0
     prefill_tokens: int = 0
     """Prompt tokens computed this turn; the rest came from the KV cache of earlier turns."""
+    cached_tokens: int = 0
+    """prompt_tokens - prefill_tokens: the prompt tokens whose keys and values came from a cache."""
     dropped_messages: int = 0
     seconds: float = 0.0
 
@@ -108,9 +116,10 @@ class _Image:
 class ChatEngine:
     """Generation over one loaded model; thread-safe (turns run one at a time)."""
 
-    def __init__(self, model: SeeChat, *, reuse_cache: bool = True):
+    def __init__(self, model: SeeChat, *, reuse_cache: bool = True, prefix_cache_bytes: int = 0):
         self.model = model.eval()
         self.reuse_cache = reuse_cache
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if reuse_cache and prefix_cache_bytes > 0 else None
         self.lock = threading.Lock()
         tok = model.tokenizer
         self._safe_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -146,15 +155,21 @@ class ChatEngine:
         start = time.perf_counter()
         with self.lock:
             ids, max_new, messages, images = self._fit(state, settings, reply)
-            image_embeds = self._image_embeds(images)
             keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens, [e.digest for e in images])
-            cache, cached = self._prefill(ids, keys, image_embeds, state.kv)
-            reply.prompt_tokens, reply.prefill_tokens = len(ids), len(ids) - cached
+            source = state.kv
+            if self.prefix_cache is not None:
+                found = self.prefix_cache.lookup(keys)
+                if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
+                    source = found
+            cache, cached = self._prefill(ids, keys, images, source)
+            reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
             kv = _KV()
             yield from self._generate(ids, keys, cache, settings, max_new, reply, cancel, kv)
             if reply.finish_reason == "cancelled":
                 reply.seconds = time.perf_counter() - start
                 return
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(kv)
             state.messages[:] = [*messages, {"role": "assistant", "content": reply.text}]
             state.images[:] = images
             state.kv = kv
@@ -205,6 +220,7 @@ class ChatEngine:
         return ids, min(settings.max_new_tokens, limit - len(ids)), messages, images
 
     def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
+        """The entries' embeddings, (n * num_image_tokens, hidden); each image is encoded once and kept."""
         todo = [e for e in entries if e.embeds is None]
         if todo:
             pixels = self.model.processor.pixel_values([e.image for e in todo]).to(self.model.device)
@@ -216,7 +232,7 @@ class ChatEngine:
             return None
         return torch.cat([e.embeds for e in entries]).to(self.model.device)
 
-    def _prefill(self, ids: list[int], keys: list, image_embeds, kv: _KV) -> tuple[DynamicCache, int]:
+    def _prefill(self, ids: list[int], keys: list, images: list[_Image], kv: _KV) -> tuple[DynamicCache, int]:
         """A cache holding all prompt tokens but the last; return it and how many positions were reused.
 
         Reuse runs as far as the keys agree: token ids, and for image positions the image's content hash, so a
@@ -231,10 +247,11 @@ class ChatEngine:
             cache = DynamicCache(config=self.model.llm.config)
         todo = torch.tensor([ids[reused:-1]], device=self.model.device)
         if todo.shape[1]:
+            # only the images with positions left to compute are encoded (a cached image is not looked at again)
             before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
             here = int((todo == self.model.image_token_id).sum())
-            flat = None if image_embeds is None else image_embeds.reshape(-1, image_embeds.shape[-1])
-            part = flat[before : before + here] if here else None
+            first, skip = divmod(before, self.model.num_image_tokens)
+            part = self._image_embeds(images[first:])[skip : skip + here] if here else None
             with torch.no_grad():
                 embeds = self.model.embed(todo, part)
                 # logits for the last position only: the prompt's full logits would be len x vocabulary floats
@@ -302,6 +319,49 @@ class ChatEngine:
             reply.finish_reason = "length"
         kv.cache = cache
         kv.keys = (keys + new)[: cache.get_seq_length()]
+
+
+class PrefixCache:
+    """KV caches of finished turns, looked up by the longest common key prefix; least recently used out first.
+
+    Bytes are counted per entry (keys and values of every layer); entries that share tensors (a conversation's
+    later turn extends its earlier one) are counted twice, so the budget is an upper bound.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, tuple[_KV, int]] = OrderedDict()
+        self._next = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.entries.values())
+
+    def lookup(self, keys: list) -> _KV | None:
+        best, length = None, 0
+        for key, (kv, _) in self.entries.items():
+            n = _common_prefix(kv.keys, keys)
+            if n > length:
+                best, length = key, n
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        return self.entries[best][0]
+
+    def store(self, kv: _KV) -> None:
+        if kv.cache is None or not kv.keys:
+            return
+        for key, (old, _) in list(self.entries.items()):  # an entry this one extends is no longer needed
+            if len(old.keys) <= len(kv.keys) and old.keys == kv.keys[: len(old.keys)]:
+                del self.entries[key]
+        size = sum(t.numel() * t.element_size() for layer in kv.cache.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))
+        if size > self.max_bytes:
+            return
+        self.entries[self._next] = (kv, size)
+        self._next += 1
+        while self.bytes > self.max_bytes:
+            self.entries.popitem(last=False)
 
 
 @dataclass

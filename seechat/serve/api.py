@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings, PrefixCache
 from ..cli import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError, ContextOverflowError, ImageError, SeeChatError
 from . import protocol
@@ -69,6 +69,10 @@ class ServeArgs:
     allow_remote_images: bool = field(
         default=False, metadata={"help": "Allow http(s):// image URLs, which the server then fetches."}
     )
+    prefix_cache_mb: float = field(
+        default=512.0, metadata={"help": "Memory for the KV caches of earlier requests, reused when a request "
+                                         "re-sends their history (0: off)."}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +80,7 @@ class ServeArgs:
             (self.max_queue >= 1, "max_queue must be >= 1"),
             (self.max_image_mb > 0, "max_image_mb must be > 0"),
             (self.max_images >= 0, "max_images must be >= 0"),
+            (self.prefix_cache_mb >= 0, "prefix_cache_mb must be >= 0"),
             (self.image_dir is None or Path(self.image_dir).is_dir(), f"image_dir {self.image_dir!r} is not a folder"),
         ]
         for ok, message in checks:
@@ -97,6 +102,8 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     name = args.served_model_name or "seechat"
     policy = args.policy()
     policy.max_text_chars = TEXT_CHARS_PER_TOKEN * engine.model.max_context
+    if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
+        engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
     scheduler = Scheduler(engine, args.max_queue)
     body_limit = max(1, policy.max_images) * math.ceil(policy.max_image_bytes * 4 / 3) + 2**20
     created = int(time.time())
@@ -183,7 +190,7 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
             reply = job.reply
             _log(cid, reply)
             return protocol.completion(cid, name, text, _finish(reply.finish_reason), reply.prompt_tokens,
-                                       reply.completion_tokens)
+                                       reply.completion_tokens, reply.cached_tokens)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # background: runs after the stream ends or the client goes away, so a disconnect stops the generation
         return StreamingResponse(_sse(cid, name, job, first, pieces, include_usage), media_type="text/event-stream",
@@ -301,8 +308,8 @@ async def _sse(cid: str, name: str, job, first: str | None, pieces, include_usag
         reply = job.reply
         yield event(protocol.chunk(cid, name, created, finish_reason=_finish(reply.finish_reason)))
         if include_usage:
-            yield event(protocol.chunk(cid, name, created, usage_=protocol.usage(reply.prompt_tokens,
-                                                                                 reply.completion_tokens)))
+            yield event(protocol.chunk(cid, name, created, usage_=protocol.usage(
+                reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens)))
         _log(cid, reply)
     except SeeChatError as exc:  # after the headers went out, an error travels as an event
         yield event(_user_error(exc).body())
