@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.images import load_image
+from ..data.processor import IMAGE, content
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from ..data.processor import IMAGE, content
 from .engine import GenerationSettings, Reply, _find_stop, generation_config
 
 
@@ -74,11 +73,10 @@ def generate_batch(
         config = generation_config(model, settings, max_new, pad)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        criteria = StoppingCriteriaList([_StopStrings(settings.stop, tok, width)]) if settings.stop else None
         out = model.llm.generate(
             # the ids go along for the logits processors (repetition_penalty)
             input_ids=ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-            stopping_criteria=criteria,
+            tokenizer=tok,  # for the stop strings
         )
     new = out[:, width:].tolist()
     return [_reply(tokens, len(row), model.stop_token_ids, pad, tok, settings.stop) for tokens, row in zip(new, rows)]
@@ -125,14 +123,3 @@ def _reply(tokens: list[int], prompt_len: int, stop_ids: list[int], pad: int, to
         finish = "stop" if end is not None else "length"
     return Reply(text=text, token_ids=kept, finish_reason=finish, prompt_tokens=prompt_len,
                  completion_tokens=len(kept), prefill_tokens=prompt_len)
-
-
-class _StopStrings(StoppingCriteria):
-    """Per row: done once a stop string appears in that row's new text."""
-
-    def __init__(self, stop: list[str], tokenizer, prompt_len: int):
-        self.stop, self.tokenizer, self.prompt_len = stop, tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([_find_stop(t, self.stop) is not None for t in texts], device=input_ids.device)

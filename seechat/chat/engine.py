@@ -276,7 +276,8 @@ class ChatEngine:
                         cache=cache,
                         generation_config=config,
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel, settings.stop, tok, len(ids))]),
+                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+                        tokenizer=tok,  # for the stop strings (transformers matches them incrementally)
                     )
             except BaseException as exc:  # re-raised in the caller's thread below
                 result["error"] = exc
@@ -430,21 +431,18 @@ def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int
         eos_token_id=model.stop_token_ids or None,
         pad_token_id=pad,
         suppress_tokens=[model.image_token_id],
+        stop_strings=list(settings.stop) or None,
     )
 
 
 class _Cancel(StoppingCriteria):
-    """Stops generation when the consumer went away, or when a stop string appeared in the new text."""
+    """Stops generation when the consumer went away (or the server cancelled the request)."""
 
-    def __init__(self, event: threading.Event, stop: list[str], tokenizer, prompt_len: int):
-        self.event, self.stop, self.tokenizer, self.prompt_len = event, stop, tokenizer, prompt_len
+    def __init__(self, event: threading.Event):
+        self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = self.event.is_set()
-        if not done and self.stop:
-            tail = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
-            done = _find_stop(tail, self.stop) is not None
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def image_digest(image: Image.Image) -> str:
