@@ -116,7 +116,8 @@ def run() -> dict:
 
 
 def summary(r: dict) -> str:
-    lines = ["| turn | prompt tokens | cached tokens (share) | TTFT, prefix cache | TTFT, no cache |", "|---|---|---|---|---|"]
+    lines = ["| turn | prompt tokens | cached tokens (share) | TTFT, prefix cache | TTFT, no cache |",
+             "|---|---|---|---|---|"]
     for t in r["turns"]:
         lines.append(f"| {t['turn']} | {t['prompt_tokens']} | {t['prefix_cache_cached_tokens']} "
                      f"({t['cached_share']:.0%}) | {t['prefix_cache_ttft_s']:.3f} s | {t['no_cache_ttft_s']:.3f} s |")

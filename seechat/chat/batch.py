@@ -18,6 +18,8 @@ tokens.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from PIL import Image
 
@@ -25,7 +27,7 @@ from ..data.images import load_image
 from ..data.processor import IMAGE, content
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .engine import GenerationSettings, Reply, _find_stop, generation_config
+from .engine import GenerationSettings, Reply, _find_stop, generation_config, image_digest
 
 
 def generate_batch(
@@ -35,13 +37,15 @@ def generate_batch(
     settings: GenerationSettings | None = None,
     *,
     histories: list[list] | None = None,
+    image_cache: "ImageCache | None" = None,
     **kwargs,
 ) -> list[Reply]:
     """Answer `prompts[i]` about `images[i]` (a path, bytes, a PIL image or None) for every i, in one batch.
 
     A single string prompt is asked about every image. `histories[i]`, when given, is a list of earlier
     [question, answer] pairs of row i's conversation (the image goes with its first question). Returns one
-    Reply per row, in order.
+    Reply per row, in order. Each distinct image is encoded once per call, and once per `image_cache` across calls
+    (an evaluation that asks several questions, or CircularEval rotations, about one picture).
     """
     settings = settings or GenerationSettings(**kwargs)
     if isinstance(prompts, str):
@@ -66,9 +70,8 @@ def generate_batch(
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     present = [im for im in pil if im is not None]
     with torch.no_grad():
-        image_embeds = None
-        if present:
-            image_embeds = model.encode_images(model.processor.pixel_values(present).to(model.device))
+        cache = image_cache if image_cache is not None else ImageCache()
+        image_embeds = cache.encode(model, present) if present else None
         embeds = model.embed(ids, image_embeds)
         config = generation_config(model, settings, max_new, pad)
         if settings.seed is not None:
@@ -80,6 +83,32 @@ def generate_batch(
         )
     new = out[:, width:].tolist()
     return [_reply(tokens, len(row), model.stop_token_ids, pad, tok, settings.stop) for tokens, row in zip(new, rows)]
+
+
+class ImageCache:
+    """Image embeddings by content hash, the most recently used `max_images` kept."""
+
+    def __init__(self, max_images: int = 64):
+        self.max_images = max_images
+        self.embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0
+        """How many images went through the vision expert."""
+
+    def encode(self, model: SeeChat, images: list) -> torch.Tensor:
+        """(n, num_image_tokens, hidden) for n PIL images; each image not already held is encoded once."""
+        digests = [image_digest(im) for im in images]
+        todo = {d: im for d, im in zip(digests, images) if d not in self.embeds}
+        if todo:
+            with torch.no_grad():
+                new = model.encode_images(model.processor.pixel_values(list(todo.values())).to(model.device))
+            self.encoded += len(todo)
+            self.embeds.update(zip(todo, new))
+        out = torch.stack([self.embeds[d] for d in digests])
+        for d in digests:
+            self.embeds.move_to_end(d)
+        while len(self.embeds) > self.max_images:
+            self.embeds.popitem(last=False)
+        return out
 
 
 # -- helpers ------------------------------------------------------------------------------------------
