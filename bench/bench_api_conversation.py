@@ -31,7 +31,7 @@ import uvicorn  # noqa: E402
 from common import median, write  # noqa: E402
 from seechat import build  # noqa: E402
 from seechat.chat.engine import ChatEngine, GenerationSettings  # noqa: E402
-from seechat.cli import quiet_hf  # noqa: E402
+from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.serve.api import ServeArgs, create_app  # noqa: E402
 from seechat.tiny import sample_image, tiny_config, tiny_llm, tiny_vision  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from common import median, write  # noqa: E402
-from seechat.cli import quiet_hf  # noqa: E402
+from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import sample_image, tiny_config, tiny_llm, tiny_vision  # noqa: E402
 
 STEPS, BATCH, REPEATS = 12, 8, 2

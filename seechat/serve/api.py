@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..chat.engine import ChatEngine, ChatState, GenerationSettings, PrefixCache
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError, ContextOverflowError, ImageError, SeeChatError
 from . import protocol
 from .messages import ImagePolicy, to_engine
