@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from common import median, write  # noqa: E402
 from seechat import build  # noqa: E402
 from seechat.chat.engine import ChatEngine, GenerationSettings  # noqa: E402
-from seechat.cli import quiet_hf  # noqa: E402
+from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import sample_image, tiny_config, tiny_llm, tiny_vision  # noqa: E402
 
 QUESTIONS = ["详细描述这张图片", "这是什么颜色？", "它在图片的哪个位置？", "图中有几个物体？",

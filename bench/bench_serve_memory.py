@@ -38,7 +38,7 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         elif (TOYWORLD / "seechat.json").exists():
             model, kind = TOYWORLD, "toy world"
         else:
-            from seechat.cli import quiet_hf
+            from seechat.cli_helpers import quiet_hf
             from seechat.tiny import build_tiny_model
 
             quiet_hf()

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from common import median, write  # noqa: E402
-from seechat.cli import quiet_hf  # noqa: E402
+from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import sample_image, sample_texts, tiny_config, tiny_vision, train_tokenizer  # noqa: E402
 
 STEPS, BATCH = 5, 2

@@ -18,7 +18,7 @@ COMMANDS = {
     "chat": ("seechat.chat.terminal:main", "chat about images in the terminal (question: ... / break / exit)"),
     "train": ("seechat.train.run:main", "train a model: align (Stage I, bridge) or instruct (Stage II, bridge + LLM)"),
     "toyworld": ("seechat.toyworld.cli:main", "build the offline toy world: data, tiny experts, Stage I + II, metrics"),
-    "caption": ("seechat.eval.caption:main", "caption every image of a folder into a JSON-lines file (batched)"),
+    "caption": ("seechat.eval.captioner:main", "caption every image of a folder into a JSON-lines file (batched)"),
     "eval": ("seechat.eval.cli:main", "evaluate: winrate, caption (CIDEr/BLEU/ROUGE), mcq (MMBench), vqa, toyworld"),
     "convert": ("seechat.export.v1:main", "convert the original SEEChat V1 release (checkpoint_100.pth) to a model directory"),
     "export": ("seechat.export.cli:main", "export a model for serving engines: llava-hf (transformers' LLaVA format)"),

@@ -185,7 +185,7 @@ def sample_image(color=(220, 40, 40), size: int = 64):
 if __name__ == "__main__":  # python -m seechat.tiny OUT: a tiny random model to try the commands on
     import sys
 
-    from .cli import quiet_hf
+    from .cli_helpers import quiet_hf
 
     quiet_hf()
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")

@@ -11,7 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from seechat.cli import quiet_hf  # noqa: E402
+from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import LLM_ARCHS, VISION_ARCHS, build_tiny_model, sample_image, tiny_llm, tiny_vision  # noqa: E402
 
 quiet_hf()

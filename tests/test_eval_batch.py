@@ -91,3 +91,18 @@ def test_batched_generation_on_cuda(experts, red, blue, dtype):
     replies = generate_batch(model, [red, blue, None], PROMPTS[:3], max_new_tokens=8)
     assert len(replies) == 3 and all(r.completion_tokens >= 1 for r in replies)
     assert all(r.finish_reason in ("stop", "length") for r in replies)
+
+
+def test_each_image_is_encoded_once(experts, red, blue):
+    from seechat.chat.batch import ImageCache
+
+    model = _model(experts)
+    cache = ImageCache()
+    images = [red, blue, red.copy(), red]  # the same picture three times (one a copy: equal content)
+    first = generate_batch(model, images, "这是什么颜色？", max_new_tokens=6, image_cache=cache)
+    assert cache.encoded == 2
+    again = generate_batch(model, [blue, red], ["图里有什么？", "这是什么颜色？"], max_new_tokens=6, image_cache=cache)
+    assert cache.encoded == 2  # both held from the first call
+    plain = generate_batch(model, images, "这是什么颜色？", max_new_tokens=6)
+    assert [r.token_ids for r in first] == [r.token_ids for r in plain]
+    assert again[1].token_ids == first[0].token_ids

@@ -62,7 +62,7 @@ def test_prompts_and_rotation():
 def _fake_model(monkeypatch, answer):
     """Replace generation by `answer(prompt text, pass options) -> reply`."""
 
-    def fake(model, images, texts, settings):
+    def fake(model, images, texts, settings, **kwargs):
         replies = []
         for text in texts:
             shown = [line[3:] for line in text.splitlines() if len(line) > 2 and line[1:3] == ". "]

@@ -9,7 +9,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 
 from seechat.__main__ import main
-from seechat.eval.metrics import caption_metrics, tokenize
+from seechat.eval.caption_metrics import caption_metrics, tokenize
 
 
 def test_char_tokenization_splits_chinese_keeps_words_and_drops_punctuation():

@@ -154,10 +154,12 @@ def test_compositions_llava_cannot_express_are_refused(experts, change, reason):
         export_llava(model, "/nonexistent")
 
 
-def test_an_image_token_outside_the_vocabulary_cannot_be_exported(experts, tmp_path):
+def test_an_image_token_past_the_vocabulary_gets_a_row_and_exports(experts, tmp_path):
     from seechat.tiny import sample_texts, train_tokenizer
 
     llm = tiny_llm(tmp_path / "llm", "qwen2", tokenizer=train_tokenizer(sample_texts(), extra_tokens=()))
     model = seechat.build(tiny_config(experts["vision"]["clip"], llm), device="cpu")
-    with pytest.raises(ConfigError, match="outside the text expert's vocabulary"):
-        export_llava(model, tmp_path / "out")
+    assert model.image_token_id == model.llm.config.vocab_size - 1  # the new row, inside the table
+    export_llava(model, tmp_path / "out")
+    theirs, ours = _same_outputs(model, tmp_path / "out", sample_image())
+    assert theirs == ours

@@ -82,9 +82,10 @@ def test_image_count_mismatch_is_a_clear_error(experts, red, blue):
     with pytest.raises(SeeChatError, match="images belong in user messages"):
         model.processor.render([{"role": "assistant", "content": "<image>"}], num_images=1)
     padded = _build(experts, image_token="<img_pad>")  # a token other than the marker, as Qwen's <|image_pad|>
-    sneaky = [{"role": "user", "content": "<image>\n" + "<img_pad>" * 3}]
-    with pytest.raises(SeeChatError, match="rendered text has 19 image tokens, expected 1 image"):
-        padded.processor.render(sneaky, num_images=1)
+    sneaky = [{"role": "user", "content": "<image>\n" + "<img_pad>" * 3}]  # the image token written as text
+    ids = padded.processor.render(sneaky, num_images=1).input_ids
+    assert ids.count(padded.image_token_id) == 16
+    assert padded.tokenizer.decode(ids).endswith("\n" + "<img_pad>" * 3 + "<|im_end|>\n")
 
 
 def test_vision_feature_options(experts, red):
@@ -216,11 +217,11 @@ def test_seechat_v1_composition(experts, tmp_path, red):
     assert torch.equal(_logits(model, [red], messages), _logits(seechat.load(tmp_path / "v1", device="cpu"), [red], messages))
 
 
-def test_image_token_outside_the_vocabulary_still_works(tmp_path, experts, red):
+def test_an_image_token_past_the_vocabulary_gets_a_row_of_its_own(tmp_path, experts, red):
     tok = train_tokenizer(sample_texts(), extra_tokens=())
     llm_dir = tiny_llm(tmp_path / "llm", "qwen2", tokenizer=tok)
     model = seechat.build(tiny_config(experts["vision"]["clip"], llm_dir), device="cpu")
-    assert model.image_token_id >= model.llm.config.vocab_size
+    assert model.image_token_id == model.llm.config.vocab_size - 1 == len(tok)  # one new row, the last
     ids, labels, pixels = _inputs(model, [red], TWO_IMAGES[:2])
     assert torch.isfinite(model(ids, pixel_values=pixels, labels=labels).loss)
 

@@ -18,14 +18,16 @@ tokens.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.images import load_image
+from ..data.processor import IMAGE, content
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .engine import IMAGE_PREFIX, GenerationSettings, Reply, _find_stop, generation_config
+from .engine import GenerationSettings, Reply, _find_stop, generation_config, image_digest
 
 
 def generate_batch(
@@ -35,13 +37,15 @@ def generate_batch(
     settings: GenerationSettings | None = None,
     *,
     histories: list[list] | None = None,
+    image_cache: "ImageCache | None" = None,
     **kwargs,
 ) -> list[Reply]:
     """Answer `prompts[i]` about `images[i]` (a path, bytes, a PIL image or None) for every i, in one batch.
 
     A single string prompt is asked about every image. `histories[i]`, when given, is a list of earlier
     [question, answer] pairs of row i's conversation (the image goes with its first question). Returns one
-    Reply per row, in order.
+    Reply per row, in order. Each distinct image is encoded once per call, and once per `image_cache` across calls
+    (an evaluation that asks several questions, or CircularEval rotations, about one picture).
     """
     settings = settings or GenerationSettings(**kwargs)
     if isinstance(prompts, str):
@@ -65,24 +69,46 @@ def generate_batch(
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     present = [im for im in pil if im is not None]
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
-        image_embeds = None
-        if present:
-            image_embeds = model.encode_images(model.processor.pixel_values(present).to(model.device))
+        cache = image_cache if image_cache is not None else ImageCache()
+        image_embeds = cache.encode(model, present) if present else None
         embeds = model.embed(ids, image_embeds)
-        # the prompt ids go along for the logits processors; an image id past the vocabulary would break them
-        prompt_ids = ids.masked_fill(ids == model.image_token_id, pad) if model.image_token_id >= vocab else ids
         config = generation_config(model, settings, max_new, pad)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        criteria = StoppingCriteriaList([_StopStrings(settings.stop, tok, width)]) if settings.stop else None
         out = model.llm.generate(
-            input_ids=prompt_ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-            stopping_criteria=criteria,
+            # the ids go along for the logits processors (repetition_penalty)
+            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+            tokenizer=tok,  # for the stop strings
         )
     new = out[:, width:].tolist()
     return [_reply(tokens, len(row), model.stop_token_ids, pad, tok, settings.stop) for tokens, row in zip(new, rows)]
+
+
+class ImageCache:
+    """Image embeddings by content hash, the most recently used `max_images` kept."""
+
+    def __init__(self, max_images: int = 64):
+        self.max_images = max_images
+        self.embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0
+        """How many images went through the vision expert."""
+
+    def encode(self, model: SeeChat, images: list) -> torch.Tensor:
+        """(n, num_image_tokens, hidden) for n PIL images; each image not already held is encoded once."""
+        digests = [image_digest(im) for im in images]
+        todo = {d: im for d, im in zip(digests, images) if d not in self.embeds}
+        if todo:
+            with torch.no_grad():
+                new = model.encode_images(model.processor.pixel_values(list(todo.values())).to(model.device))
+            self.encoded += len(todo)
+            self.embeds.update(zip(todo, new))
+        out = torch.stack([self.embeds[d] for d in digests])
+        for d in digests:
+            self.embeds.move_to_end(d)
+        while len(self.embeds) > self.max_images:
+            self.embeds.popitem(last=False)
+        return out
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -93,7 +119,7 @@ def _render(model: SeeChat, text: str, with_image: bool, history: list | None = 
         if "<image>" in question or (answer and "<image>" in answer):
             raise SeeChatError("the text may not contain '<image>': pass the image separately")
         first = not messages
-        messages.append({"role": "user", "content": (IMAGE_PREFIX + question) if with_image and first else question})
+        messages.append({"role": "user", "content": content([IMAGE, question] if with_image and first else [question])})
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
     return model.processor.render(messages, num_images=int(with_image), add_generation_prompt=True).input_ids
@@ -126,14 +152,3 @@ def _reply(tokens: list[int], prompt_len: int, stop_ids: list[int], pad: int, to
         finish = "stop" if end is not None else "length"
     return Reply(text=text, token_ids=kept, finish_reason=finish, prompt_tokens=prompt_len,
                  completion_tokens=len(kept), prefill_tokens=prompt_len)
-
-
-class _StopStrings(StoppingCriteria):
-    """Per row: done once a stop string appears in that row's new text."""
-
-    def __init__(self, stop: list[str], tokenizer, prompt_len: int):
-        self.stop, self.tokenizer, self.prompt_len = stop, tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([_find_stop(t, self.stop) is not None for t in texts], device=input_ids.device)

@@ -10,6 +10,11 @@ prefills only its new text, and streams the answer with stock `generate`.
     for piece in conv.stream("它是什么颜色？"):
         print(piece, end="", flush=True)
 
+Prefix cache (`prefix_cache_bytes` > 0, what `seechat serve` uses): the KV caches of finished turns are kept,
+least recently used first out past the byte budget, keyed by token ids and image content hashes, so a client
+that re-sends its history (as every OpenAI client does) prefills only the new part; `Reply.cached_tokens` says
+how many prompt tokens came from a cache.
+
 Context rule: when the prompt plus the room kept for the answer (max_new_tokens, at most a quarter of the
 context) does not fit, whole exchanges (a user message and its answer) are dropped, oldest first. The
 exchange that carries the newest image is dropped last, and never while it belongs to the current
@@ -18,9 +23,11 @@ question; if the current question with its image still does not fit, ContextOver
 
 from __future__ import annotations
 
-import queue
+import copy
+import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,12 +36,9 @@ from PIL import Image
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data.images import load_image
-from ..data.processor import IMAGE_MARKER, check_messages
+from ..data.processor import IMAGE, IMAGE_MARKER, check_messages, content
 from ..errors import ConfigError, ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-
-IMAGE_PREFIX = IMAGE_MARKER + "\n"
-"""How an image is attached to a message that has no explicit marker: in front of the text."""
 
 
 @dataclass
@@ -83,31 +87,41 @@ class Reply:
     completion_tokens: int = 0
     prefill_tokens: int = 0
     """Prompt tokens computed this turn; the rest came from the KV cache of earlier turns."""
+    cached_tokens: int = 0
+    """prompt_tokens - prefill_tokens: the prompt tokens whose keys and values came from a cache."""
     dropped_messages: int = 0
     seconds: float = 0.0
 
 
 @dataclass
 class _KV:
+    """A KV cache and the key of each position it holds (see prefix_keys)."""
+
     cache: DynamicCache | None = None
-    ids: list[int] = field(default_factory=list)
+    keys: list = field(default_factory=list)
 
 
 @dataclass
 class _Image:
     image: Image.Image
     embeds: torch.Tensor | None = None
+    digest: str = ""
+    """A hash of the image's content: the identity of its positions in a KV cache key."""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = image_digest(self.image)
 
 
 class ChatEngine:
     """Generation over one loaded model; thread-safe (turns run one at a time)."""
 
-    def __init__(self, model: SeeChat, *, reuse_cache: bool = True):
+    def __init__(self, model: SeeChat, *, reuse_cache: bool = True, prefix_cache_bytes: int = 0):
         self.model = model.eval()
         self.reuse_cache = reuse_cache
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if reuse_cache and prefix_cache_bytes > 0 else None
         self.lock = threading.Lock()
         tok = model.tokenizer
-        self._vocab = model.llm.get_output_embeddings().weight.shape[0]
         self._safe_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # -- conveniences ---------------------------------------------------------------------------------
@@ -130,25 +144,41 @@ class ChatEngine:
         """Stream the answer to the conversation in `state`, whose last message is the user's question.
 
         `state.messages` are {'role', 'content'} dicts with one <image> marker per entry of `state.images`.
-        On return `state` holds what was kept (see the context rule) plus the answer, and the KV cache for
-        the next turn; `reply` is filled in.
+        When the turn completes, `state` holds what was kept (see the context rule) plus the answer, and the KV
+        cache for the next turn; `reply` is filled in. A turn that fails, is cancelled or is abandoned by its
+        consumer leaves `state` exactly as it was: the turn works on a fork of the cache (the layers' tensors are
+        shared, never written in place) and stores its results back only on success.
         """
         settings = settings or GenerationSettings()
         reply = reply if reply is not None else Reply()
         cancel = cancel or threading.Event()
         start = time.perf_counter()
         with self.lock:
-            ids, max_new = self._fit(state, settings, reply)
-            image_embeds = self._image_embeds(state.images)
-            cache, cached = self._prefill(ids, image_embeds, state.kv)
-            reply.prompt_tokens, reply.prefill_tokens = len(ids), len(ids) - cached
-            yield from self._generate(ids, cache, settings, max_new, reply, cancel, state.kv)
-        state.messages.append({"role": "assistant", "content": reply.text})
+            ids, max_new, messages, images = self._fit(state, settings, reply)
+            keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens, [e.digest for e in images])
+            source = state.kv
+            if self.prefix_cache is not None:
+                found = self.prefix_cache.lookup(keys)
+                if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
+                    source = found
+            cache, cached = self._prefill(ids, keys, images, source)
+            reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
+            kv = _KV()
+            yield from self._generate(ids, keys, cache, settings, max_new, reply, cancel, kv)
+            if reply.finish_reason == "cancelled":
+                reply.seconds = time.perf_counter() - start
+                return
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(kv)
+            state.messages[:] = [*messages, {"role": "assistant", "content": reply.text}]
+            state.images[:] = images
+            state.kv = kv
         reply.seconds = time.perf_counter() - start
 
-    def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply) -> tuple[list[int], int]:
+    def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
 
+        Returns the prompt ids, the answer's room, and the kept messages and images (`state` is not changed).
         The fewest exchanges to drop are found by bisection, so a long history costs a few renders, not one per
         exchange (a request with thousands of messages must not hold the engine for minutes).
         """
@@ -181,14 +211,16 @@ class ChatEngine:
                     ids, k = trial, mid
                 else:
                     lo = mid + 1
+        messages, images = list(state.messages), list(state.images)
         for start, end in reversed(spans[:k]):  # newest first, so earlier indices stay valid
-            first_image = _count_markers(state.messages[:start])
-            del state.images[first_image : first_image + _count_markers(state.messages[start:end])]
-            del state.messages[start:end]
+            first_image = _count_markers(messages[:start])
+            del images[first_image : first_image + _count_markers(messages[start:end])]
+            del messages[start:end]
             reply.dropped_messages += end - start
-        return ids, min(settings.max_new_tokens, limit - len(ids))
+        return ids, min(settings.max_new_tokens, limit - len(ids)), messages, images
 
     def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
+        """The entries' embeddings, (n * num_image_tokens, hidden); each image is encoded once and kept."""
         todo = [e for e in entries if e.embeds is None]
         if todo:
             pixels = self.model.processor.pixel_values([e.image for e in todo]).to(self.model.device)
@@ -200,32 +232,35 @@ class ChatEngine:
             return None
         return torch.cat([e.embeds for e in entries]).to(self.model.device)
 
-    def _prefill(self, ids: list[int], image_embeds, kv: _KV) -> tuple[DynamicCache, int]:
-        """Bring the KV cache up to all prompt tokens but the last; return it and how many were reused."""
+    def _prefill(self, ids: list[int], keys: list, images: list[_Image], kv: _KV) -> tuple[DynamicCache, int]:
+        """A cache holding all prompt tokens but the last; return it and how many positions were reused.
+
+        Reuse runs as far as the keys agree: token ids, and for image positions the image's content hash, so a
+        slot that now holds another image is computed again. The cache in `kv` is forked, never changed.
+        """
         reused = 0
         if self.reuse_cache and kv.cache is not None:
-            reused = _common_prefix(kv.ids, ids)
-            reused = min(reused, len(ids) - 1, kv.cache.get_seq_length())
-            kv.cache.crop(reused - kv.cache.get_seq_length())  # a negative count removes that many tokens
-            cache = kv.cache
+            reused = min(_common_prefix(kv.keys, keys), len(ids) - 1, kv.cache.get_seq_length())
+            cache = fork_cache(kv.cache)
+            cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
         else:
             cache = DynamicCache(config=self.model.llm.config)
         todo = torch.tensor([ids[reused:-1]], device=self.model.device)
         if todo.shape[1]:
+            # only the images with positions left to compute are encoded (a cached image is not looked at again)
             before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
             here = int((todo == self.model.image_token_id).sum())
-            flat = None if image_embeds is None else image_embeds.reshape(-1, image_embeds.shape[-1])
-            part = flat[before : before + here] if here else None
+            first, skip = divmod(before, self.model.num_image_tokens)
+            part = self._image_embeds(images[first:])[skip : skip + here] if here else None
             with torch.no_grad():
                 embeds = self.model.embed(todo, part)
-                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True)
+                # logits for the last position only: the prompt's full logits would be len x vocabulary floats
+                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
         return cache, reused
 
-    def _generate(self, ids, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
+    def _generate(self, ids, keys, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
         model, tok = self.model, self.model.tokenizer
         input_ids = torch.tensor([ids], device=model.device)
-        if model.image_token_id >= self._vocab:  # ids past the vocabulary would break logits processors
-            input_ids = input_ids.masked_fill(input_ids == model.image_token_id, self._safe_id)
         config = generation_config(model, settings, max_new, self._safe_id)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
@@ -241,7 +276,8 @@ class ChatEngine:
                         cache=cache,
                         generation_config=config,
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel, settings.stop, tok, len(ids))]),
+                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+                        tokenizer=tok,  # for the stop strings (transformers matches them incrementally)
                     )
             except BaseException as exc:  # re-raised in the caller's thread below
                 result["error"] = exc
@@ -283,7 +319,50 @@ class ChatEngine:
         else:
             reply.finish_reason = "length"
         kv.cache = cache
-        kv.ids = out[0, : cache.get_seq_length()].tolist()
+        kv.keys = (keys + new)[: cache.get_seq_length()]
+
+
+class PrefixCache:
+    """KV caches of finished turns, looked up by the longest common key prefix; least recently used out first.
+
+    Bytes are counted per entry (keys and values of every layer); entries that share tensors (a conversation's
+    later turn extends its earlier one) are counted twice, so the budget is an upper bound.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, tuple[_KV, int]] = OrderedDict()
+        self._next = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.entries.values())
+
+    def lookup(self, keys: list) -> _KV | None:
+        best, length = None, 0
+        for key, (kv, _) in self.entries.items():
+            n = _common_prefix(kv.keys, keys)
+            if n > length:
+                best, length = key, n
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        return self.entries[best][0]
+
+    def store(self, kv: _KV) -> None:
+        if kv.cache is None or not kv.keys:
+            return
+        for key, (old, _) in list(self.entries.items()):  # an entry this one extends is no longer needed
+            if len(old.keys) <= len(kv.keys) and old.keys == kv.keys[: len(old.keys)]:
+                del self.entries[key]
+        size = sum(t.numel() * t.element_size() for layer in kv.cache.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))
+        if size > self.max_bytes:
+            return
+        self.entries[self._next] = (kv, size)
+        self._next += 1
+        while self.bytes > self.max_bytes:
+            self.entries.popitem(last=False)
 
 
 @dataclass
@@ -321,16 +400,14 @@ class Conversation:
             raise SeeChatError(f"the text may not contain {IMAGE_MARKER!r}: pass the image with image=...")
         settings = settings or GenerationSettings(**kwargs)
         entry = None if image is None else _Image(image if isinstance(image, Image.Image) else load_image(image))
-        saved = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
-        self.state.messages.append({"role": "user", "content": (IMAGE_PREFIX + text) if entry else text})
+        turn = ChatState(list(self.state.messages), list(self.state.images), self.state.kv)
+        turn.messages.append({"role": "user", "content": content([IMAGE, text] if entry else [text])})
         if entry:
-            self.state.images.append(entry)
+            turn.images.append(entry)
         reply = Reply()
-        try:
-            yield from self.engine.stream_chat(self.state, settings, reply=reply)
-        except BaseException:
-            self.state = saved  # a failed or abandoned turn leaves the history as it was
-            raise
+        yield from self.engine.stream_chat(turn, settings, reply=reply)
+        if reply.finish_reason != "cancelled":  # a failed, cancelled or abandoned turn leaves the state as it was
+            self.state = turn
         self.last_reply = reply
 
     def ask(self, text: str, image=None, settings: GenerationSettings | None = None, **kwargs) -> str:
@@ -343,7 +420,6 @@ class Conversation:
 # -- helpers ------------------------------------------------------------------------------------------
 def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int, pad: int) -> GenerationConfig:
     """The stock-generate settings for `settings` (greedy at temperature 0); the image token is never generated."""
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
     sample = settings.temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new,
@@ -354,22 +430,53 @@ def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=model.stop_token_ids or None,
         pad_token_id=pad,
-        suppress_tokens=[model.image_token_id] if model.image_token_id < vocab else None,
+        suppress_tokens=[model.image_token_id],
+        stop_strings=list(settings.stop) or None,
     )
 
 
 class _Cancel(StoppingCriteria):
-    """Stops generation when the consumer went away, or when a stop string appeared in the new text."""
+    """Stops generation when the consumer went away (or the server cancelled the request)."""
 
-    def __init__(self, event: threading.Event, stop: list[str], tokenizer, prompt_len: int):
-        self.event, self.stop, self.tokenizer, self.prompt_len = event, stop, tokenizer, prompt_len
+    def __init__(self, event: threading.Event):
+        self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = self.event.is_set()
-        if not done and self.stop:
-            tail = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
-            done = _find_stop(tail, self.stop) is not None
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def image_digest(image: Image.Image) -> str:
+    """A hash of an image's content (mode, size and pixels): equal images share KV cache positions, others never."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def prefix_keys(ids: list[int], image_token_id: int, per_image: int, digests: list[str]) -> list:
+    """The KV cache key of each position: its token id, or for an image position (image digest, index in the image).
+
+    Every image slot holds the same placeholder id, so a match on ids alone would reuse one image's keys and
+    values for another (SGLang and vLLM mix a hash of the image into their cache keys for the same reason).
+    """
+    keys: list = list(ids)
+    seen = 0
+    for i, t in enumerate(ids):
+        if t == image_token_id:
+            image = seen // per_image
+            keys[i] = (digests[image] if image < len(digests) else None, seen % per_image)
+            seen += 1
+    return keys
+
+
+def fork_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache that starts as `cache` and can be cropped and extended without changing it.
+
+    DynamicCache layers replace their tensors on every update and crop (torch.cat, slicing), never write into
+    them, so copying the layer objects shares the tensors without copying them.
+    """
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    return forked
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

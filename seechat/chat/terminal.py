@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import list_images, load_image
 from ..errors import ImageError, SeeChatError
 from .engine import ChatEngine, Conversation, GenerationSettings

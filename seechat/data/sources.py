@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .processor import IMAGE_MARKER
+from .processor import IMAGE, IMAGE_MARKER, content
 
 DEFAULT_CAPTION_PROMPTS = [
     "详细描述这张图片",
@@ -108,7 +108,7 @@ def caption_record(caption, image, where: str, prompts: list[str], rng: random.R
         raise BadSample("no image")
     prompt = prompts[rng.randrange(len(prompts))]
     messages = [
-        {"role": "user", "content": f"{IMAGE_MARKER}\n{prompt}"},
+        {"role": "user", "content": content([IMAGE, prompt])},
         {"role": "assistant", "content": caption.strip()},
     ]
     return Record(messages, [image], where)
@@ -136,7 +136,7 @@ def conversation_record(messages: list[dict], images: list, where: str) -> Recor
         if first is None:
             raise BadSample("images but no user message")
         messages = [dict(m) for m in messages]
-        messages[first]["content"] = (IMAGE_MARKER + "\n") * len(images) + messages[first]["content"]
+        messages[first]["content"] = content([IMAGE] * len(images) + [messages[first]["content"]])
     elif markers != len(images):
         raise BadSample(f"{markers} <image> marker(s) but {len(images)} image(s)")
     return Record(messages, list(images), where)

@@ -13,7 +13,7 @@ from ..errors import SeeChatError
 # name -> (module:function, one-line summary)
 SUBCOMMANDS = {
     "winrate": ("seechat.eval.winrate:main", "caption win-rate judged by a CLIP model (the original's pie chart)"),
-    "caption": ("seechat.eval.metrics:main", "CIDEr-D, BLEU-1..4, ROUGE-L of captions against references"),
+    "caption": ("seechat.eval.caption_metrics:main", "CIDEr-D, BLEU-1..4, ROUGE-L of captions against references"),
     "mcq": ("seechat.eval.mcq:main", "MMBench / MMBench-CN / CCBench TSVs with CircularEval"),
     "vqa": ("seechat.eval.vqa:main", "question/answer sets: exact-match and normalized accuracy"),
     "toyworld": ("seechat.eval.toyworld:main", "all of the above on a toy-world run (captions, win-rate, CIDEr, vqa)"),

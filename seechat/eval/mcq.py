@@ -35,9 +35,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..chat.batch import generate_batch
+from ..chat.batch import ImageCache, generate_batch
 from ..chat.engine import GenerationSettings
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, DataError, ImageError
 from .files import pct
@@ -199,6 +199,7 @@ def run_mcq(model, questions: list[Question], out: Path, *, lang: str = "zh", ci
     jobs = [(q, r) for q in questions for r in (range(len(q.options)) if circular else [0])]
     rows: list[dict | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), unit="prompt", desc="mcq", disable=not progress or None, leave=False)
+    embeddings = ImageCache()  # the rotations of a question share its picture: encoded once
     for start in range(0, len(jobs), batch_size):
         ready, images, texts = [], [], []
         for k in range(start, min(start + batch_size, len(jobs))):
@@ -213,7 +214,8 @@ def run_mcq(model, questions: list[Question], out: Path, *, lang: str = "zh", ci
             images.append(image)
             texts.append(prompt(q, shown, lang))
         if ready:
-            for (k, shown), reply in zip(ready, generate_batch(model, images, texts, settings)):
+            for (k, shown), reply in zip(ready, generate_batch(model, images, texts, settings,
+                                                                         image_cache=embeddings)):
                 rows[k] = _row(*jobs[k], shown, reply.text)
         bar.update(min(batch_size, len(jobs) - start))
     bar.close()

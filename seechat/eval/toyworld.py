@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chat.engine import GenerationSettings
-from ..cli import LoadArgs, load_model, parse, quiet_hf, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, quiet_hf, setup_logging
 from ..errors import ConfigError, DataError
-from .caption import caption_images, report
+from .captioner import caption_images, report
 from .files import out_dir, pct, read_captions, read_references, write_json, write_jsonl
-from .metrics import caption_metrics
-from .metrics import markdown as metrics_markdown
+from .caption_metrics import caption_metrics
+from .caption_metrics import markdown as metrics_markdown
 from .vqa import read_questions, run_vqa
 from .winrate import run_winrate, summary_line, write_outputs
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..chat.batch import generate_batch
+from ..chat.batch import ImageCache, generate_batch
 from ..chat.engine import GenerationSettings
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, DataError, ImageError
 from .files import pct
@@ -122,6 +122,7 @@ def run_vqa(model, items: list[dict], out: Path, *, batch_size: int = 8, max_new
     results: list[dict | None] = [None] * len(items)
     cache: dict = {}
     bar = tqdm(total=len(items), unit="question", desc="vqa", disable=not progress or None, leave=False)
+    embeddings = ImageCache()  # several questions about one picture: encoded once
     for start in range(0, len(items), batch_size):
         ready, images = [], []
         for k in range(start, min(start + batch_size, len(items))):
@@ -133,7 +134,7 @@ def run_vqa(model, items: list[dict], out: Path, *, batch_size: int = 8, max_new
                 images.append(image)
         if ready:
             replies = generate_batch(model, images, [items[k]["question"] for k in ready], settings,
-                                     histories=[items[k].get("history") or [] for k in ready])
+                                     histories=[items[k].get("history") or [] for k in ready], image_cache=embeddings)
             for k, reply in zip(ready, replies):
                 results[k] = _row(items[k], reply.text)
         bar.update(min(batch_size, len(items) - start))

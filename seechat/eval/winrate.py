@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..cli import parse, quiet_hf, setup_logging
+from ..cli_helpers import parse, quiet_hf, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, ImageError
 from .files import find_images, out_dir, pct, read_captions, write_json

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError
 
 

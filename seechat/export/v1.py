@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import parse, quiet_hf, setup_logging
+from ..cli_helpers import parse, quiet_hf, setup_logging
 from ..config import BridgeConfig, LLMConfig, SeeChatConfig, VisionConfig
 from ..errors import ConfigError, ModelDirError
 

@@ -27,7 +27,7 @@ from ..data.processor import SeeChatProcessor
 from ..errors import ConfigError, ModelDirError
 from .bridges import QFormerBridge, build_bridge, load_qformer_weights, qformer_config_from, qformer_fields
 from .hub import loading, relative_to, resolve
-from .llm import load_llm, load_tokenizer, prepare_tokenizer, stop_token_ids
+from .llm import fit_image_token, load_llm, load_tokenizer, prepare_tokenizer, stop_token_ids
 from .seechat import SeeChat
 from .vision import load_image_processor, load_vision
 
@@ -246,6 +246,7 @@ def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, ada
     image_processor = load_image_processor(image_processor_path)
     extra = {"quantization_config": quant, "device_map": {"": str(device)}} if quant is not None else {}
     llm = load_llm(sources["llm"], dtype=torch_dtype, trust_remote_code=config.llm.trust_remote_code, **extra)
+    fit_image_token(llm, tokenizer.convert_tokens_to_ids(config.image_token))
     if config.llm.adapter:
         from peft import PeftModel
 

@@ -53,6 +53,25 @@ def prepare_tokenizer(tokenizer, config: SeeChatConfig) -> list[str]:
     return stop
 
 
+def fit_image_token(llm, image_token_id: int) -> None:
+    """Give an image token that lies past the text expert's embedding table a row of its own, set to the mean row.
+
+    The row's input embedding is never used (image embeddings replace it), but with it every id of a prompt is
+    inside the vocabulary, so KV reuse, logits processors (repetition_penalty) and exporters need no masking.
+    """
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if image_token_id < rows:
+        return
+    llm.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+    layers = [llm.get_input_embeddings(), llm.get_output_embeddings()]
+    with torch.no_grad():
+        for weight in {id(x.weight): x.weight for x in layers if x is not None}.values():
+            weight[rows:] = weight[:rows].mean(0, dtype=torch.float32).to(weight.dtype)
+        bias = getattr(layers[1], "bias", None)
+        if bias is not None and bias.shape[0] > rows:
+            bias[rows:] = bias[:rows].mean()
+
+
 def stop_token_ids(tokenizer, llm, stop_tokens: list[str]) -> list[int]:
     """EOS ids of the tokenizer and the model's generation config, plus the configured stop tokens."""
     ids: list[int] = []

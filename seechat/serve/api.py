@@ -35,8 +35,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings, PrefixCache
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError, ContextOverflowError, ImageError, SeeChatError
 from ..data.images import MAX_PIXELS, needed_side
 from . import protocol
@@ -101,6 +101,10 @@ class ServeArgs:
         metadata={"help": "Host names besides the listening address and localhost that clients may use to reach "
                           "this server; '*' for any (turns off the DNS-rebinding check)."},
     )
+    prefix_cache_mb: float = field(
+        default=512.0, metadata={"help": "Memory for the KV caches of earlier requests, reused when a request "
+                                         "re-sends their history (0: off)."}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -111,6 +115,7 @@ class ServeArgs:
             (self.max_decoded_mpixels > 0, "max_decoded_mpixels must be > 0"),
             (self.body_timeout > 0 and self.remote_timeout > 0, "body_timeout and remote_timeout must be > 0"),
             (not (self.api_key and self.api_key_file), "give --api-key or --api-key-file, not both"),
+            (self.prefix_cache_mb >= 0, "prefix_cache_mb must be >= 0"),
             (self.image_dir is None or Path(self.image_dir).is_dir(), f"image_dir {self.image_dir!r} is not a folder"),
         ]
         for ok, message in checks:
@@ -149,6 +154,8 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     policy = args.policy()
     policy.max_text_chars = TEXT_CHARS_PER_TOKEN * engine.model.max_context
     policy.min_side = needed_side(engine.model.processor.image_processor)
+    if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
+        engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
     scheduler = Scheduler(engine, args.max_queue)
     body_limit = body_limit_for(policy)
     created = int(time.time())
@@ -241,7 +248,7 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
             reply = job.reply
             _log(cid, reply)
             return protocol.completion(cid, name, text, _finish(reply.finish_reason), reply.prompt_tokens,
-                                       reply.completion_tokens)
+                                       reply.completion_tokens, reply.cached_tokens)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # background: runs after the stream ends or the client goes away, so a disconnect stops the generation
         return StreamingResponse(_sse(cid, name, job, first, pieces, include_usage), media_type="text/event-stream",
@@ -373,8 +380,8 @@ async def _sse(cid: str, name: str, job, first: str | None, pieces, include_usag
         reply = job.reply
         yield event(protocol.chunk(cid, name, created, finish_reason=_finish(reply.finish_reason)))
         if include_usage:
-            yield event(protocol.chunk(cid, name, created, usage_=protocol.usage(reply.prompt_tokens,
-                                                                                 reply.completion_tokens)))
+            yield event(protocol.chunk(cid, name, created, usage_=protocol.usage(
+                reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens)))
         _log(cid, reply)
     except SeeChatError as exc:  # after the headers went out, an error travels as an event
         yield event(_user_error(exc).body())

@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.images import MAX_PIXELS, PixelBudget, load_image
-from ..data.processor import IMAGE_MARKER
+from ..data.processor import IMAGE, IMAGE_MARKER, content
 from .fetch import FetchRefused, fetch
 from .protocol import APIError, ImagePart, Message, checked_text
 
@@ -90,14 +90,14 @@ def to_engine(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict],
                                    param=where)
                 images.append(load_image(read_image_url(part.url, policy, where), name=where,
                                          max_pixels=policy.max_pixels, min_side=policy.min_side, budget=budget))
-                texts.append(IMAGE_MARKER)
+                texts.append(IMAGE)
                 continue
             text = checked_text(part if isinstance(part, str) else part.text, where)
             if IMAGE_MARKER in text:
                 raise APIError(400, f"{where}: the text may not contain {IMAGE_MARKER!r}; send images as "
                                     "{'type': 'image_url'} content parts", param=where)
             texts.append(text)
-        out.append({"role": role, "content": "\n".join(texts)})
+        out.append({"role": role, "content": content(texts)})
     return out, images
 
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..chat.engine import ChatEngine, Conversation, GenerationSettings
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image, needed_side
 from ..errors import ConfigError, SeeChatError
 

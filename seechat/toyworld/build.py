@@ -62,7 +62,7 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
     """Run (or reuse) every phase; return the metrics."""
     import torch
 
-    from ..cli import quiet_hf
+    from ..cli_helpers import quiet_hf
 
     quiet_hf()
     plan = plan or (QUICK if quick else FULL)

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import parse, setup_logging
+from ..cli_helpers import parse, setup_logging
 from ..errors import SeeChatError
 
 

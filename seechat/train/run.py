@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import quiet_hf, setup_logging
+from ..cli_helpers import quiet_hf, setup_logging
 from ..errors import ConfigError
 from .config import STAGES, TrainConfig, load_config
 

@@ -30,7 +30,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from ..cli import parse, setup_logging
+from ..cli_helpers import parse, setup_logging
 from ..errors import ConfigError, DataError
 from .files import out_dir, read_captions, read_references, write_json
 

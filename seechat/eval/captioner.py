@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..chat.batch import generate_batch
 from ..chat.engine import GenerationSettings
-from ..cli import LoadArgs, load_model, parse, setup_logging
+from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image
 from ..errors import ConfigError, DataError, ImageError
 from .files import find_images, image_key

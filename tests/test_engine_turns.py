@@ -1,0 +1,144 @@
+"""KV reuse keyed on token ids and image identity; turns that fail or are cancelled leave the conversation as it was."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import seechat
+from seechat.chat.engine import ChatEngine, GenerationSettings, prefix_keys
+from seechat.tiny import sample_image, tiny_config
+
+DESCRIBE = "详细描述这张图片"
+
+
+def _model(experts, **kw):
+    torch.manual_seed(0)
+    return seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"], **kw), device="cpu")
+
+
+def _run(engine, turns):
+    conv = engine.conversation()
+    replies = []
+    for text, image in turns:
+        conv.ask(text, image=image, max_new_tokens=6)
+        replies.append(conv.last_reply)
+    return conv, replies
+
+
+@pytest.mark.parametrize("colours", [[(220, 40, 40), (40, 40, 220)],
+                                     [(220, 40, 40), (40, 180, 40), (40, 40, 220)]])
+def test_reuse_after_the_context_rule_drops_an_image_equals_a_reprefill(experts, colours):
+    # The issue's scenario: image A described, image B described with the same prompt, more questions until the
+    # context rule drops A's exchange, then a question about "this shape". The first image slot now holds B:
+    # the same placeholder ids as A's, a different image.
+    model = _model(experts, max_context=150)
+    per_image = model.num_image_tokens
+    turns = [(DESCRIBE, sample_image(c)) for c in colours]
+    turns += [("它在哪里？", None), ("有几个？", None), ("这个形状是什么颜色？", None)]
+    conv, reused = _run(ChatEngine(model), turns)
+    _, fresh = _run(ChatEngine(model, reuse_cache=False), turns)
+    assert [r.token_ids for r in reused] == [f.token_ids for f in fresh]
+    assert [r.prompt_tokens for r in reused] == [f.prompt_tokens for f in fresh]
+    assert any(r.dropped_messages for r in reused), "the scenario needs the context rule to drop an exchange"
+    assert len(conv.state.images) == 1 and conv.state.images[0].image.getpixel((32, 32)) == colours[-1]
+    # where an image exchange was dropped, nothing from the first image slot on came from the cache
+    for before, after in zip(reused, reused[1:]):
+        if after.dropped_messages > before.dropped_messages or (after.dropped_messages and not before.dropped_messages):
+            ids = model.processor.render(conv.messages[:1], num_images=1).input_ids
+            first_slot = ids.index(model.image_token_id)
+            assert after.prompt_tokens - after.prefill_tokens <= first_slot
+    assert sum(r.prefill_tokens for r in reused) < sum(f.prefill_tokens for f in fresh)  # reuse still happens
+    assert len(conv.state.kv.keys) == conv.state.kv.cache.get_seq_length()
+    assert sum(isinstance(k, tuple) for k in conv.state.kv.keys) == per_image
+
+
+def test_prefix_keys_tell_images_apart():
+    a = prefix_keys([5, 9, 9, 6, 9, 9], 9, 2, ["A", "B"])
+    b = prefix_keys([5, 9, 9, 6, 9, 9], 9, 2, ["B", "B"])
+    assert a == [5, ("A", 0), ("A", 1), 6, ("B", 0), ("B", 1)]
+    assert a[:1] == b[:1] and a[1] != b[1] and a[4:] == b[4:]
+
+
+def _snapshot(conv):
+    kv = conv.state.kv
+    tensors = [(layer.keys, layer.values) for layer in kv.cache.layers]
+    return list(conv.messages), list(conv.state.images), kv, list(kv.keys), tensors
+
+
+def _same(conv, snap):
+    messages, images, kv, keys, tensors = snap
+    assert conv.messages == messages and conv.state.images == images
+    assert conv.state.kv is kv and kv.keys == keys
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(kv.cache.layers, tensors))
+    assert kv.cache.get_seq_length() == len(keys)
+
+
+def test_a_cancelled_abandoned_or_failed_turn_leaves_conversation_and_cache_as_before(experts, red, monkeypatch):
+    model = _model(experts)
+    engine = ChatEngine(model)
+    conv = engine.conversation()
+    conv.ask("第一个问题", image=red, max_new_tokens=5)
+    snap = _snapshot(conv)
+
+    stream = conv.stream("第二个问题很长很长很长", max_new_tokens=40)  # abandoned by its consumer
+    next(stream)
+    stream.close()
+    _same(conv, snap)
+
+    cancel = threading.Event()  # cancelled from outside (what the server does when a client goes away)
+    state = conv.state
+    pieces = engine.stream_chat(type(state)([*state.messages, {"role": "user", "content": "取消的问题"}],
+                                            list(state.images), state.kv),
+                                GenerationSettings(max_new_tokens=40), cancel=cancel)
+    next(pieces)
+    cancel.set()
+    list(pieces)
+    _same(conv, snap)
+
+    real = model.llm.generate
+
+    def broken(*args, **kwargs):  # fails after the prefill has extended the (forked) cache
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.llm, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        conv.ask("失败的问题", max_new_tokens=5)
+    _same(conv, snap)
+    monkeypatch.setattr(model.llm, "generate", real)
+
+    # the next turn equals the same turn in a fresh conversation, and still reuses the first turn's cache
+    conv.ask("第三个问题", max_new_tokens=8)
+    fresh = ChatEngine(model, reuse_cache=False).conversation()
+    fresh.ask("第一个问题", image=red, max_new_tokens=5)
+    fresh.ask("第三个问题", max_new_tokens=8)
+    assert conv.last_reply.token_ids == fresh.last_reply.token_ids
+    assert conv.messages == fresh.messages
+    assert conv.last_reply.prefill_tokens < conv.last_reply.prompt_tokens - model.num_image_tokens
+
+
+def test_an_image_token_past_the_vocabulary_gets_a_mean_row_and_reuse_stays_exact(experts, red, blue, tmp_path):
+    model = _model(experts, image_token="<img_pad>")  # a new token: its id is the text expert's vocabulary size
+    table = model.llm.get_input_embeddings().weight
+    assert model.image_token_id == table.shape[0] - 1 == model.llm.get_output_embeddings().weight.shape[0] - 1
+    assert torch.allclose(table[-1], table[:-1].mean(0), atol=1e-6)
+    turns = [(DESCRIBE, red), ("它在哪里？", None), (DESCRIBE, blue), ("这个形状是什么颜色？", None)]
+    settings = dict(repetition_penalty=1.3)  # sees the prompt ids, image ids included
+    reused = [r.token_ids for r in _run_with(ChatEngine(model), turns, settings)]
+    fresh = [r.token_ids for r in _run_with(ChatEngine(model, reuse_cache=False), turns, settings)]
+    assert reused == fresh and all(model.image_token_id not in r for r in reused)
+    model.save(tmp_path / "m")
+    again = seechat.load(tmp_path / "m", device="cpu")
+    assert again.image_token_id == model.image_token_id
+    assert [r.token_ids for r in _run_with(ChatEngine(again), turns, settings)] == reused
+
+
+def _run_with(engine, turns, settings):
+    conv = engine.conversation()
+    out = []
+    for text, image in turns:
+        conv.ask(text, image=image, max_new_tokens=6, **settings)
+        out.append(conv.last_reply)
+    return out
