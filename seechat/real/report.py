@@ -19,8 +19,7 @@ def write_report(out: Path, metrics: dict) -> Path:
         f"Built in {metrics.get('build_seconds', '?')} s (phases: {metrics.get('phase_seconds', {})}).",
         "",
         f"- easy-VQA test exact-answer accuracy: **{metrics['test_accuracy']:.1%}** "
-        f"({metrics['n_test_questions']} questions)" + (f", trained on a subset ({metrics['subset']})"
-                                                         if metrics.get("subset") else ""),
+        f"({metrics['n_test_questions']} questions); settings {metrics.get('settings', {})}",
         "",
         "| question type | test accuracy |",
         "|---|---|",
