@@ -213,7 +213,8 @@ def _run_stage(stage: str, args: RealArgs, out: Path, experts: Path, recipe: dic
             overrides.append(f"model.{part}.name_or_path={experts / Path(recipe['model'][part]['name_or_path']).name}")
     steps = args.align_steps if stage == "align" else args.instruct_steps
     if steps:
-        overrides += [f"training.max_steps={steps}", f"training.save_steps={steps}"]
+        every = max(1, min(section["training"].get("logging_steps", 10), steps // 8))
+        overrides += [f"training.max_steps={steps}", f"training.save_steps={steps}", f"training.logging_steps={every}"]
     if args.batch_size:
         overrides.append(f"training.per_device_train_batch_size={args.batch_size}")
     shutil.rmtree(out / stage, ignore_errors=True)
