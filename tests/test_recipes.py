@@ -12,6 +12,7 @@ import yaml
 import seechat
 from seechat.config import SeeChatConfig
 from seechat.data.processor import IGNORE_INDEX
+from seechat.model.cnn import tiny_efficientnet_lite
 from seechat.tiny import sample_image, tiny_llm, tiny_vision
 from seechat.train.config import load_config
 from seechat.train.freeze import apply_parts
@@ -26,12 +27,14 @@ VISION = {
     "openai/clip-vit-large-patch14-336": ("clip", 336, 14),
     "google/siglip-so400m-patch14-384": ("siglip", 384, 14),
     "Salesforce/blip2-opt-2.7b": ("blip2", 224, 14),
+    "runs/experts/efficientnet-lite0-128": ("efficientnet_lite0", 128, 32),  # converted by `make real-demo`
 }
 LLM = {
     "Qwen/Qwen2.5-7B-Instruct": "qwen2",
     "Qwen/Qwen2.5-1.5B-Instruct": "qwen2",
     "THUDM/glm-4-9b-chat-hf": "glm",
     "Qwen/Qwen3-8B": "qwen3",
+    "runs/experts/smollm2-135m-instruct": "llama",  # SmolLM2's GGUF, converted by `make real-demo`
 }
 
 
@@ -58,7 +61,10 @@ def test_recipe_builds_at_tiny_scale(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
     model_cfg = SeeChatConfig.from_dict(raw["model"])
     arch, size, patch = VISION[model_cfg.vision.name_or_path]
-    vision_dir = tiny_vision(tmp_path / "vision", arch, image_size=size, patch_size=patch, num_query_tokens=32)
+    if arch == "efficientnet_lite0":
+        vision_dir = tiny_efficientnet_lite(tmp_path / "vision", image_size=size)
+    else:
+        vision_dir = tiny_vision(tmp_path / "vision", arch, image_size=size, patch_size=patch, num_query_tokens=32)
     extra = tuple(t for t in ("<image>", model_cfg.image_token, model_cfg.image_start, model_cfg.image_end)
                   if t.startswith("<|"))
     llm_dir = tiny_llm(tmp_path / "llm", LLM[model_cfg.llm.name_or_path], extra_tokens=extra or ("<image>",),

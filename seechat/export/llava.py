@@ -27,6 +27,11 @@ def check_exportable(model: SeeChat) -> None:
         reasons.append(f"vision.pool {cfg.vision.pool!r} pools image tokens, which LLaVA cannot express")
     if cfg.vision.post_layernorm:
         reasons.append("vision.post_layernorm is not applied by LLaVA to the selected layer")
+    from ..model.cnn import FeatureMapExpert
+
+    if isinstance(model.vision, FeatureMapExpert):
+        reasons.append("the vision expert is a CNN or timm backbone (seechat/model/cnn.py), not a vision tower "
+                       "LLaVA's classes load")
     if reasons:
         raise ConfigError("this model cannot be exported to the LLaVA format: " + "; ".join(reasons))
 

@@ -21,8 +21,9 @@ def resolve(name_or_path: str, base: str | os.PathLike | None = None) -> str:
 
 
 def relative_to(path: str, base: str | os.PathLike) -> str:
-    """How a model directory at `base` refers to `path`: relative (./ or ../) when local, unchanged when a hub id."""
-    if not os.path.isdir(path):
+    """How a model directory at `base` refers to `path`: relative (./ or ../) when local (a folder, or a file such
+    as a GGUF text expert), unchanged when a hub id."""
+    if not os.path.exists(path):
         return path
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
     return rel if rel.startswith("..") else "./" + rel

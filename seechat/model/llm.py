@@ -1,6 +1,15 @@
-"""The text expert: any Hugging Face causal LM that accepts inputs_embeds, with its tokenizer."""
+"""The text expert: any Hugging Face causal LM that accepts inputs_embeds, with its tokenizer.
+
+`llm.name_or_path` may also be a GGUF file (or a folder holding one): it is dequantised once through
+transformers' GGUF loader into a safetensors folder in the cache (`gguf_folder`), which later loads read.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
@@ -12,6 +21,7 @@ from .hub import loading
 
 
 def load_llm(path: str, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False, **kwargs):
+    path = gguf_folder(path)
     with loading("text expert", path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
@@ -19,6 +29,7 @@ def load_llm(path: str, *, dtype: torch.dtype | None = None, trust_remote_code: 
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    path = gguf_folder(path)
     with loading("tokenizer", path):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
@@ -83,3 +94,65 @@ def stop_token_ids(tokenizer, llm, stop_tokens: list[str]) -> list[int]:
         if i is not None and i != tokenizer.unk_token_id and i not in ids:
             ids.append(int(i))
     return ids
+
+
+# -- GGUF text experts ------------------------------------------------------------------------------------
+GGUF_SOURCE = "seechat_gguf_source.json"
+
+
+def gguf_file(path: str) -> Path | None:
+    """The GGUF file `path` names (a .gguf file, or a folder holding exactly one and no config.json), else None."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            raise ConfigError(f"'{path}' holds several GGUF files ({', '.join(f.name for f in found)}): "
+                              "give llm.name_or_path the one to use")
+        return found[0] if found else None
+    return None
+
+
+def gguf_folder(path: str, out: str | os.PathLike | None = None) -> str:
+    """A transformers folder for a GGUF text expert, converted on first use; other paths come back unchanged.
+
+    The folder (config, model.safetensors in fp32, tokenizer with the GGUF's chat template) goes to `out`, or
+    to $SEECHAT_CACHE/gguf/<name>-<hash of path, size, mtime> (default ~/.cache/seechat); it records its source
+    in seechat_gguf_source.json. A finished folder is reused.
+    """
+    file = gguf_file(path)
+    if file is None:
+        return path
+    stat = file.stat()
+    source = {"gguf": str(file.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    if out is None:
+        cache = Path(os.environ.get("SEECHAT_CACHE", Path.home() / ".cache" / "seechat"))
+        key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+        out = cache / "gguf" / f"{file.stem}-{key}"
+    out = Path(out)
+    if (out / GGUF_SOURCE).is_file():
+        return str(out)
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError as exc:
+        raise ConfigError(f"'{file}' is a GGUF file; reading it needs the gguf package: "
+                          "pip install 'seechat[real]' (or pip install gguf)") from exc
+    tmp = out.with_name(out.name + ".tmp")
+    with loading("GGUF text expert", str(file)):
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    # The dequantised weights are plain tensors now; the GGUF quantisation config would make save_pretrained refuse.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / GGUF_SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)

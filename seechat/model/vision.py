@@ -1,6 +1,7 @@
 """The vision expert: a Hugging Face image encoder and the choice of which features feed the bridge.
 
-Supported families (by the checkpoint's `model_type`): CLIP, Chinese-CLIP, SigLIP and BLIP-2's EVA ViT-g.
+Supported families (by the checkpoint's `model_type`): CLIP, Chinese-CLIP, SigLIP and BLIP-2's EVA ViT-g;
+CNNs (EfficientNet-Lite0) and timm backbones load through seechat/model/cnn.py.
 A full checkpoint (vision + text towers) or a vision-only one both load; the text tower is not loaded.
 """
 
@@ -19,6 +20,7 @@ from transformers import (
 
 from ..config import VisionConfig
 from ..errors import ConfigError, ModelDirError
+from .cnn import feature_map_loader
 from .hub import loading
 
 # model_type of the checkpoint -> (vision class, key_mapping for from_pretrained).
@@ -47,6 +49,8 @@ class VisionExpert(nn.Module):
         self.hidden_size: int = mc.hidden_size
         self.has_cls = _has_cls(model)
         grid = mc.image_size // mc.patch_size
+        if config.pool == "global":
+            raise ConfigError("vision.pool 'global' is for CNN feature maps; a ViT takes 'none' or '2x2'")
         if config.pool == "2x2" and grid % 2:
             raise ConfigError(f"vision.pool '2x2' needs an even patch grid, but this model has {grid}x{grid} patches")
         self.grid = grid
@@ -93,6 +97,10 @@ class VisionExpert(nn.Module):
 
 def load_vision(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> VisionExpert:
     """Load the vision expert at `path` (hub id or directory) with the real from_pretrained."""
+    cnn_loader = feature_map_loader(path)  # EfficientNet-Lite0 and timm backbones: seechat/model/cnn.py
+    if cnn_loader is not None:
+        with loading("vision expert", path):
+            return cnn_loader(config, path, dtype)
     with loading("vision expert", path):
         hf_config = AutoConfig.from_pretrained(path)
     model_type = hf_config.model_type

