@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..cli import parse, quiet_hf, setup_logging
+from ..cli_helpers import parse, quiet_hf, setup_logging
 from ..errors import ConfigError
 
 USAGE = """usage: seechat convert {seechat-v1,gguf,efficientnet-lite0} ...

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cli import parse, quiet_hf, setup_logging
+from ..cli_helpers import parse, quiet_hf, setup_logging
 from ..errors import ConfigError
 
 log = logging.getLogger("seechat")
