@@ -37,7 +37,7 @@ DEFAULT_OUT = Path("runs/toyworld")
 class Plan:
     """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
 
-    n_train: int = 6000
+    n_train: int = 5000
     n_multi_train: int = 1500
     """Training conversations over 2-3 one-shape pictures (drawn from the training pictures)."""
     multi_share: float = 0.5
@@ -51,11 +51,11 @@ class Plan:
     """Evaluation records per several-picture kind."""
     clip_steps: int = 1000
     clip_batch: int = 32
-    lm_steps: int = 250
-    lm_batch: int = 32
-    align_steps: int = 250
+    lm_steps: int = 200
+    lm_batch: int = 16
+    align_steps: int = 300
     align_batch: int = 32
-    instruct_steps: int = 1100
+    instruct_steps: int = 1400
     instruct_batch: int = 16
     instruct_llm: str = "full"
     feature_layer: int = -1
