@@ -114,3 +114,23 @@ def test_refcoco_pickle_with_code_is_refused(tmp_path, capsys):
                  str(tmp_path / "layout" / "instances.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     captured = capsys.readouterr()
     assert "ran code" not in captured.out and "only plain lists" in captured.err
+
+
+def test_front_ends_draw_an_answers_boxes(tmp_path):
+    from types import SimpleNamespace
+
+    from seechat.chat.terminal import _BoxSaver
+    from seechat.serve.web import answer_boxes
+
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (200, 100), "white").save(picture)
+    answer = "<ref>红色的圆形</ref><box>(100,200),(500,600)</box><box>(0,0),(50,50)</box>"
+    session = SimpleNamespace(conversation=SimpleNamespace(last_reply=SimpleNamespace(text=answer)))
+    assert answer_boxes(session, str(picture)) == (str(picture), [((20, 20, 100, 60), "红色的圆形"),
+                                                                 ((0, 0, 10, 5), "红色的圆形")])
+    session.conversation.last_reply.text = "没有框。"
+    assert answer_boxes(session, str(picture)) is None and answer_boxes(None, str(picture)) is None
+    saver = _BoxSaver(tmp_path / "boxes")
+    assert saver.save(Image.open(picture), "没有框。") is None
+    saved = saver.save(Image.open(picture), answer, picture)
+    assert saved.name == "0001_p_boxes.png" and Image.open(saved).size == (512, 256)

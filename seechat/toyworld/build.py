@@ -228,8 +228,10 @@ def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
     for c in convs:
         c["image"] = [f"train/{i}" for i in c["image"]] if isinstance(c["image"], list) else f"train/{c['image']}"
     bar = tqdm(total=plan.lm_steps, desc="text expert (GLM)", unit="step", leave=False)
-    losses = train_llm(out / "llm", lm_texts(convs, grounded, tok), tok, sizes=ExpertSizes(), steps=plan.lm_steps,
-                       batch=plan.lm_batch, seed=seed, progress=bar)
+    train_grounded = {k: v for k, v in grounded.items() if k.startswith("train/")}
+    texts = lm_texts(convs, train_grounded, tok, copy_prompt=ALIGN_PROMPT)
+    losses = train_llm(out / "llm", texts, tok, sizes=ExpertSizes(), steps=plan.lm_steps, batch=plan.lm_batch,
+                       seed=seed, progress=bar)
     _losses(out, "llm", losses)
 
 

@@ -182,20 +182,29 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
     return losses
 
 
-def lm_texts(conversations: list[dict], grounded: dict[str, str], tokenizer) -> list[str]:
+def lm_texts(conversations: list[dict], grounded: dict[str, str], tokenizer, *, copy_prompt: str | None = None,
+             max_exchanges: int = 3) -> list[str]:
     """Chat-formatted text: each picture's grounded description (caption and boxes) stands where the picture
-    will later be, then the conversation's questions and answers."""
+    will later be, then the conversation's first `max_exchanges` questions and answers.
+
+    With `copy_prompt`, every picture also gets a text that asks it and answers with the description itself:
+    the skill Stage I needs (the frozen text expert repeating what stands in the picture's place).
+    """
     texts = []
     for convo in conversations:
         images = convo["image"] if isinstance(convo["image"], list) else [convo["image"]]
         queue = list(images)
         messages = []
-        for t in convo["conversations"]:
+        for t in convo["conversations"][: 2 * max_exchanges]:
             value = t["value"]
             while "<image>\n" in value:
                 value = value.replace("<image>\n", grounded[queue.pop(0)] + "\n", 1)
             messages.append({"role": "user" if t["from"] == "human" else "assistant", "content": value})
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    if copy_prompt:
+        for text in grounded.values():
+            messages = [{"role": "user", "content": f"{text}\n{copy_prompt}"}, {"role": "assistant", "content": text}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return texts
 
 
