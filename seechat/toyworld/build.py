@@ -53,9 +53,9 @@ class Plan:
     clip_batch: int = 32
     lm_steps: int = 200
     lm_batch: int = 16
-    align_steps: int = 300
-    align_batch: int = 32
-    instruct_steps: int = 1400
+    align_steps: int = 120
+    align_batch: int = 16
+    instruct_steps: int = 1200
     instruct_batch: int = 16
     instruct_llm: str = "full"
     feature_layer: int = -1
@@ -63,8 +63,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(n_train=800, n_multi_train=200, n_val=20, n_test=20, n_heldout=10, n_shift=10, n_phrasing=10, n_multi=5,
-             clip_steps=300, clip_batch=32, lm_steps=40, lm_batch=32, align_steps=60, align_batch=16,
+QUICK = Plan(n_train=800, n_multi_train=0, multi_share=0.0, n_val=20, n_test=20, n_heldout=10, n_shift=10, n_phrasing=10, n_multi=5,
+             clip_steps=300, clip_batch=32, lm_steps=60, lm_batch=16, align_steps=60, align_batch=16,
              instruct_steps=320, instruct_batch=8)
 ALIGN_PROMPT = "详细描述这张图片，并框出每个图形。"
 MAX_LENGTH = 320
