@@ -151,6 +151,8 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
             asked = world.questions(scene, rng, held_out=split == "phrasing")
             if len(scene.shapes) == 1:
                 asked.append(world.followup(scene, rng, held_out=split == "phrasing"))
+            if split == "phrasing":  # yes/no questions have no held-out phrasing
+                asked = [q for q in asked if q["type"] != "yesno"]
             for k, q in enumerate(asked):
                 qa.append({"id": f"{split}-{i}-{k}", "image": name, **q})
                 if q["type"] == "refer":
