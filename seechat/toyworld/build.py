@@ -138,7 +138,7 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
             _multi_split(d, plan, seed, rng)
             continue
         scenes = _scenes(plan, seed, split)
-        caps, qa, convs, refs, aligned = [], [], [], [], []
+        caps, qa, convs, refs, dets, aligned = [], [], [], [], [], []
         for i, scene in enumerate(tqdm(scenes, desc=f"data {split}", leave=False)):
             name = f"images/{i:05d}.png"
             scene.render().save(d / name)
@@ -159,6 +159,9 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
                     x0, y0, x1, y1 = q["boxes"][0]
                     refs.append({"image": name, "expression": q["answer"].split("</ref>")[0][5:],
                                  "bbox": [x0, y0, x1 - x0, y1 - y0], "type": f"{len(scene.shapes)} shape(s)"})
+                if q["type"] == "detect":
+                    dets.append({"image": name, "label": q["label"],
+                                 "boxes": [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in q["boxes"]]})
         if split == "train":
             convs += _multi_conversations(scenes, plan.n_multi_train, rng)
         _jsonl(d / "captions.jsonl", caps)
@@ -170,6 +173,7 @@ def _data(out: Path, plan: Plan, seed: int, timings) -> None:
             qa.sort(key=lambda r: world.QUESTION_TYPES.index(r["type"]))  # like answers batch together
             _jsonl(d / "qa.jsonl", qa)
             _jsonl(d / "refs.jsonl", refs)
+            _jsonl(d / "dets.jsonl", dets)
     (root / "grounded.json").write_text(json.dumps(grounded, ensure_ascii=False))
     (root / "README.md").write_text(_DATA_README.format(held=", ".join(f"{c}{k}" for c, k in world.heldout_combos(seed))),
                                     encoding="utf-8")
@@ -370,7 +374,8 @@ JPEG and backgrounds varied), with Chinese captions, questions and boxes (`<ref>
 - `train/align.jsonl`: captions followed by every shape's box (Stage I data)
 - `train|val/conversations.json`: LLaVA-format multi-turn conversations, some over 2-3 pictures (Stage II data)
 - `test|heldout_combos|shift|phrasing/qa.jsonl`: `{{"image", "question", "answer", "type", "id"}}`, follow-ups with
-  `"history"`, boxes in pixels under `"boxes"`; `refs.jsonl`: RefCOCO-style records for `seechat eval grounding`
+  `"history"`, boxes in pixels under `"boxes"`; `refs.jsonl` / `dets.jsonl`: records for `seechat eval grounding`
+  / `seechat eval detect`
 - `multi/qa.jsonl`: records over several pictures (`"images"`, one `<image>` marker each)
 - `shift` is drawn with rendering settings outside the training ranges; `phrasing` asks only in phrasings that
   never appear in training data
