@@ -25,10 +25,6 @@ test: setup
 DEMO_IMAGE := runs/toyworld/data/test/images/00003.png
 demo: setup
 	$(VENV)/bin/seechat toyworld build --out runs/toyworld
-	@echo "grounding: one refer-to-box question from the test split; the picture with the answer's box is saved"
-	@set -- $$($(PY) -c 'import json; r = [json.loads(l) for l in open("runs/toyworld/data/test/qa.jsonl") if "\"refer\"" in l][-1]; print(r["image"], r["question"])'); \
-		echo "question: $$2 ($$1)"; \
-		$(VENV)/bin/seechat chat --model runs/toyworld/model --image runs/toyworld/data/test/$$1 --prompt "$$2" --max-new-tokens 48 --save-boxes runs/toyworld/boxes
 	@if [ -t 0 ]; then \
 		$(VENV)/bin/seechat chat --model runs/toyworld/model --image $(DEMO_IMAGE) --max-new-tokens 32; \
 	else \

@@ -25,18 +25,15 @@ VISION_ARCHS = ("clip", "chinese_clip", "siglip", "blip2")
 
 
 def train_tokenizer(
-    texts, *, vocab_size: int = 500, template: str = "chatml", extra_tokens: tuple[str, ...] = ("<image>",),
-    split_digits: bool = False,
+    texts, *, vocab_size: int = 500, template: str = "chatml", extra_tokens: tuple[str, ...] = ("<image>",)
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` (one token per CJK character, and per digit with `split_digits`)
-    with the template's special tokens."""
+    """Train a byte-level BPE on `texts` (one token per CJK character) with the template's special tokens."""
     entry, source = get_template(template)
     specials = ["<|endoftext|>", *entry.special_tokens, *extra_tokens]
     specials = list(dict.fromkeys(specials))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(CJK[:-1] + "0-9]" if split_digits else CJK), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Split(Regex(CJK), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

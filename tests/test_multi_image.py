@@ -1,10 +1,9 @@
 """Several pictures in one conversation: training samples keep markers, picture order and the loss mask;
-`eval vqa` answers records with several pictures; the toy world writes them."""
+`eval vqa` answers records with several pictures."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import torch
 
@@ -108,22 +107,3 @@ def test_eval_vqa_answers_records_with_several_pictures(tiny_model_dir, tmp_path
     data.write_text(json.dumps({"images": ["a_red.png"], "question": "<image>\n<image>\n?", "answer": "x"}) + "\n")
     assert main(["eval", "vqa", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]) == 2
 
-
-def test_toy_world_several_picture_questions_are_consistent():
-    from seechat.toyworld import world
-
-    rng = random.Random(1)
-    scenes = world.sample_scenes(0, "multi", 30)
-    for _ in range(40):
-        pick = rng.sample(scenes, rng.choice([2, 3]))
-        for kind in world.MULTI_KINDS:
-            rec = world.multi_question(pick, kind, rng)
-            markers = rec["question"].count("<image>") + sum(q.count("<image>") for q, _ in rec["history"])
-            assert markers == len(pick)
-            if kind == "later":
-                assert rec["answer"] == pick[-1].caption()  # the newest picture is described
-            if kind == "which" and "第一张" in rec["question"] and "颜色" in rec["question"]:
-                assert rec["answer"] == pick[0].main.colour + "。"
-        convo = world.multi_conversation(pick, rng)
-        assert sum(t["value"].count("<image>") for t in convo) == len(pick)
-        assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import pytest
 
-from seechat.boxes import parse_boxes
 from seechat.toyworld import world
 from seechat.toyworld.build import QUICK, Plan, build
 
-CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "yesno": 1 / 2, "followup": 1 / 5, "description": 1 / 120,
-          "counting": 1 / 4, "exist": 1 / 2, "refer": 0.05, "detect": 0.05, "region": 1 / 24}
+CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "yesno": 1 / 2, "followup": 1 / 5, "description": 1 / 120}
 
 
 def test_splits_are_deterministic_and_heldout_combos_never_train():
@@ -51,56 +48,21 @@ def test_language_is_consistent_with_the_scene():
     assert convo[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in convo[1:])
     assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)
     x0, y0, x1, y1 = scene.main.box
-    assert (x0 + x1) / 2 > 32 and (y0 + y1) / 2 > 32 and 9 <= x1 - x0 <= 44  # the box a grounding answer gives
-    assert parse_boxes(qs["refer"]["answer"])[0].ref == "红色的三角形"
-    assert parse_boxes(qs["refer"]["answer"])[0].to_pixels(64, 64) == pytest.approx(scene.main.box, abs=0.04)
-
-
-def test_scenes_of_several_shapes_and_their_questions():
-    rng = random.Random(0)
-    scenes = world.sample_scenes(0, "test", 60, multi=1.0)
-    assert {len(s.shapes) for s in scenes} == {2, 3, 4}
-    for scene in scenes:
-        cells = {(int(s.centre[0] // world.CELL), int(s.centre[1] // world.CELL)) for s in scene.shapes}
-        assert len(cells) == len(scene.shapes) and len({s.name for s in scene.shapes}) == len(scene.shapes)
-        for a in scene.shapes:  # boxes apart
-            assert all(world._gap(a.box, b.box) >= 1 for b in scene.shapes if b is not a)
-        qs = {q["type"]: q for q in world.questions(scene, rng)}
-        assert set(qs) == {"description", "counting", "exist", "refer", "detect", "region"}
-        det = qs["detect"]
-        assert len(parse_boxes(det["answer"])) == len(det["boxes"]) and all(
-            any(b == list(s.box) for s in scene.shapes) for b in det["boxes"])
-        region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
-        named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
-        assert region == pytest.approx(named.box, abs=0.04)
-        if "图形" in qs["counting"]["question"] and "的" not in qs["counting"]["question"]:
-            assert qs["counting"]["answer"] == world.count_answer(len(scene.shapes))
-    # held-out phrasings never appear in training conversations
-    held = [re.compile(re.escape(q).replace(r"\{\}", ".+")) for qs in world.HELD_OUT.values() for q in qs]
-    for scene in world.sample_scenes(0, "train", 80, multi=0.5):
-        for turn in world.conversation(scene, rng):
-            assert not any(h.fullmatch(turn["value"].replace("<image>\n", "")) for h in held), turn
-    # the shift split renders outside the training ranges, from the same scenes' language
-    a = world.sample_scenes(0, "shift", 4, style=world.SHIFT)
-    assert all(s.style is world.SHIFT for s in a) and a[0].render().size == (64, 64)
+    assert x0 > 32 and y0 > 32 and 18 <= x1 - x0 <= 30  # the box a grounding answer would give
 
 
 def test_quick_build_learns_and_a_second_run_reuses_it(quick_toyworld):
     out, metrics = quick_toyworld
     for name in ("model/seechat.json", "clip/config.json", "clip/tokenizer.json", "llm/config.json",
-                 "data/test/qa.jsonl", "data/test/refs.jsonl", "data/shift/qa.jsonl", "data/multi/qa.jsonl", "data/test/captions.jsonl", "data/heldout_combos/qa.jsonl",
+                 "data/test/qa.jsonl", "data/test/captions.jsonl", "data/heldout_combos/qa.jsonl",
                  "data/train/conversations.json", "report.md", "report_grid.png", "report_losses.png",
                  "configs/align.yaml", "configs/instruct.yaml", "metrics.json"):
         assert (out / name).is_file(), name
     assert set(metrics["per_type"]) == set(CHANCE)
-    chance = sum(CHANCE.values()) / len(CHANCE)  # about 0.2 over the question types
-    assert metrics["test_accuracy"] > 1.5 * chance, metrics  # well above chance
-    assert metrics["per_type"]["colour"] >= 0.6, metrics
+    chance = sum(CHANCE.values()) / len(CHANCE)  # about 0.22 over the question types
+    assert metrics["test_accuracy"] > 1.8 * chance, metrics  # far above chance
+    assert metrics["per_type"]["colour"] >= 0.6 and metrics["per_type"]["shape"] >= 0.5, metrics
     assert 0 <= metrics["heldout_combo_accuracy"] <= 1 and metrics["build_seconds"] > 0
-    for key in ("grounding_acc50", "counting_accuracy", "detect_f1", "shift_per_type", "heldout_phrasing_accuracy"):
-        assert metrics[key] is not None, key
-    assert set(metrics["multi_image_accuracy"]) == set(world.MULTI_KINDS)
-    assert set(metrics["shift_per_type"]) == set(CHANCE)
     first = json.loads((out / "metrics.json").read_text())
     again = build(out, seed=0, quick=True)
     assert again["test_accuracy"] == first["test_accuracy"] and again["this_run_seconds"] < 15
@@ -108,9 +70,8 @@ def test_quick_build_learns_and_a_second_run_reuses_it(quick_toyworld):
     assert (out / "data/test" / line["image"]).is_file() and line["caption"].startswith("一个")
 
 
-MICRO = Plan(n_train=64, n_multi_train=8, n_val=8, n_test=4, n_heldout=4, n_shift=4, n_phrasing=4, n_multi=2,
-             clip_steps=4, clip_batch=8, lm_steps=4, lm_batch=8, align_steps=2, align_batch=4, instruct_steps=2,
-             instruct_batch=4)
+MICRO = Plan(n_train=64, n_val=8, n_test=4, n_heldout=4, clip_steps=4, clip_batch=8, lm_steps=4, lm_batch=8,
+             align_steps=2, align_batch=4, instruct_steps=2, instruct_batch=4)
 
 
 def test_same_seed_same_result(tmp_path):

@@ -39,13 +39,4 @@ def summary(metrics: dict, out: Path) -> str:
     return (f"toy world built in {metrics['build_seconds']:.0f}s (this run {metrics['this_run_seconds']:.0f}s)\n"
             f"test accuracy {metrics['test_accuracy']:.1%} ({per_type})\n"
             f"held-out colour x shape combinations: {metrics['heldout_combo_accuracy']:.1%}\n"
-            f"grounding Acc@0.5 {_pct(metrics.get('grounding_acc50'))}, counting {_pct(metrics.get('counting_accuracy'))}, "
-            f"detect-all F1 {_pct(metrics.get('detect_f1'))}\n"
-            f"shift split {_pct(metrics.get('shift_accuracy'))}, held-out phrasings "
-            f"{_pct(metrics.get('heldout_phrasing_accuracy'))}, several pictures "
-            + ", ".join(f"{k} {_pct(v)}" for k, v in (metrics.get("multi_image_accuracy") or {}).items()) + "\n"
             f"model: {out / 'model'}   report: {out / 'report.md'}")
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"

@@ -34,26 +34,19 @@ class ExpertSizes:
 
 
 def make_tokenizers(texts: list[str]):
-    """The text expert's tokenizer (glm4 template, <image> token, one token per digit so that box coordinates
-    are spelt digit by digit from ten tokens) and CLIP's twin that appends an end token."""
+    """The text expert's tokenizer (glm4 template, <image> token) and CLIP's twin that appends an end token."""
     from tokenizers.processors import TemplateProcessing
 
-    tok = train_tokenizer(texts, vocab_size=1000, template="glm4", split_digits=True)
+    tok = train_tokenizer(texts, vocab_size=1000, template="glm4")
     tok.padding_side = "right"
-    tok.add_tokens(BOX_TOKENS)  # one ordinary (not special: answers keep them) token each
-    clip_tok = train_tokenizer(texts, vocab_size=1000, template="glm4", split_digits=True)
-    clip_tok.add_tokens(BOX_TOKENS)
+    clip_tok = train_tokenizer(texts, vocab_size=1000, template="glm4")
     eos = clip_tok.convert_tokens_to_ids("<|endoftext|>")
     # CLIP pools its text tower at the end token, so every encoded text must end with it.
     clip_tok.backend_tokenizer.post_processor = TemplateProcessing(
         single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
     )
-    clip_tok.model_max_length = CLIP_TEXT_LENGTH
+    clip_tok.model_max_length = 32
     return tok, clip_tok
-
-
-CLIP_TEXT_LENGTH = 48
-BOX_TOKENS = ["<ref>", "</ref>", "<box>", "</box>"]
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -62,55 +55,28 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def text_views(colour: str, kind: str, position: str | None) -> list[str]:
-    """Descriptions of one shape at several levels of detail.
+def text_views(colour: str, kind: str, position: str) -> list[tuple[str, tuple]]:
+    """Descriptions of one picture at several levels of detail, each with the attributes it names.
 
     Besides whole captions the vision expert also learns to match partial ones ("红色。", "在左上角。"),
     which makes it pick up each attribute on its own, and quickly.
     """
-    views = [f"一个{colour}的{kind}。", f"{colour}。", f"{kind}。"]
-    if position:
-        views += [f"一个{colour}的{kind}在{position}。", f"在{position}。"]
-    return views
+    return [
+        (f"一个{colour}的{kind}在{position}。", (colour, kind, position)),
+        (f"一个{colour}的{kind}。", (colour, kind, None)),
+        (f"{colour}。", (colour, None, None)),
+        (f"{kind}。", (None, kind, None)),
+        (f"在{position}。", (None, None, position)),
+    ]
 
 
-def scene_views(scene: world.Scene) -> list[str]:
-    """The whole caption first, then every partial description that fits the scene."""
-    one = len(scene.shapes) == 1
-    views = [v for s in scene.shapes for v in text_views(s.colour, s.kind, s.position if one else None)]
-    return [scene.caption(), *dict.fromkeys(v for v in views if v != scene.caption())]
-
-
-def dense_targets(scenes: list[world.Scene], grid: int) -> dict[str, torch.Tensor]:
-    """Per patch: is a shape's centre there, its colour and kind, and its box (0..1 of the picture)."""
-    n = len(scenes)
-    obj = torch.zeros(n, grid * grid)
-    colour = torch.full((n, grid * grid), -100, dtype=torch.long)
-    kind = torch.full((n, grid * grid), -100, dtype=torch.long)
-    box = torch.zeros(n, grid * grid, 4)
-    colours, kinds = list(world.COLOURS), list(world.SHAPES)
-    cell = world.IMAGE_SIZE / grid
-    for i, scene in enumerate(scenes):
-        for s in scene.shapes:
-            j = min(grid - 1, int(s.centre[1] // cell)) * grid + min(grid - 1, int(s.centre[0] // cell))
-            obj[i, j] = 1
-            colour[i, j], kind[i, j] = colours.index(s.colour), kinds.index(s.kind)
-            box[i, j] = torch.tensor(s.box, dtype=torch.float) / world.IMAGE_SIZE
-    return {"obj": obj, "colour": colour, "kind": kind, "box": box}
-
-
-def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], tokenizer, *,
+def train_clip(out: Path, pixels: torch.Tensor, attributes: list[tuple[str, str, str]], tokenizer, *,
                sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
-               full_caption_share: float = 0.4, position_std: float = 0.5, dense_weight: float = 1.0,
-               progress=None) -> list[float]:
-    """CLIPModel training on the world's pictures; saves it with its tokenizer.
+               full_caption_share: float = 0.5, position_std: float = 0.5) -> list[float]:
+    """Contrastive training of a CLIPModel on (picture, description) pairs; saves it with its tokenizer.
 
-    Two objectives: contrastive on (picture, description) pairs, each picture paired with its whole caption
-    or a partial description, every picture a description fits counting as a match (several per row and
-    column); and a dense one on the last layer's patch features (what the bridge reads): each patch says
-    whether a shape's centre lies in it, its colour, kind and box. The dense head is dropped after training
-    (a toy stand-in for the detection data real vision experts have seen); the saved model is a plain
-    CLIPModel.
+    Each picture in a batch is paired with its whole caption (half the time) or a partial description;
+    every picture a description fits counts as a match for it (several per row and column).
     """
     from transformers import CLIPConfig, CLIPModel
 
@@ -118,7 +84,7 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=sizes.text_hidden, intermediate_size=sizes.text_hidden * 4,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_TEXT_LENGTH,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
                          eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos),
         vision_config=dict(hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_hidden * 4,
                            num_hidden_layers=sizes.vision_layers, num_attention_heads=4,
@@ -126,53 +92,45 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
         projection_dim=64,
     )
     model = CLIPModel(config)
-    grid = world.IMAGE_SIZE // sizes.patch_size
-    n_col, n_kind = len(world.COLOURS), len(world.SHAPES)
-    head = torch.nn.Linear(sizes.vision_hidden, 1 + n_col + n_kind + 4)
     with torch.no_grad():
         # Hugging Face initialises position embeddings at std 0.02, far below the patch embeddings, so where
         # a shape sits is nearly invisible at first and position is learned last; start them comparable.
         emb = model.vision_model.embeddings
         emb.position_embedding.weight.normal_(std=position_std)
-    views = [scene_views(s) for s in scenes]
-    fits_of = [set(v) for v in views]
-    targets = dense_targets(scenes, grid)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    views = {}
+    for colour in world.COLOURS:
+        for kind in world.SHAPES:
+            for position in world.POSITIONS:
+                for text, named in text_views(colour, kind, position):
+                    views[text] = named
+    texts = sorted(views)
+    named = [views[t] for t in texts]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    image_attrs = list(attributes)
+    view_index = {t: i for i, t in enumerate(texts)}
+    per_image = [[view_index[t] for t, _ in text_views(*a)] for a in image_attrs]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
     gen = torch.Generator().manual_seed(seed)
-    pyrng = random.Random(seed)
     losses = []
     model.train()
-    bar = tqdm(total=steps, desc="vision expert (CLIP)", unit="step", leave=False) if progress is None else progress
-    for _ in range(steps):
-        pick = torch.randint(0, len(scenes), (batch,), generator=gen).tolist()
-        texts = [views[i][0] if pyrng.random() < full_caption_share else pyrng.choice(views[i]) for i in pick]
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=CLIP_TEXT_LENGTH, return_tensors="pt")
-        out_ = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels[pick],
-                     output_hidden_states=True)
+    for _ in tqdm(range(steps), desc="vision expert (CLIP)", unit="step", leave=False):
+        pick = torch.randint(0, len(image_attrs), (batch,), generator=gen).tolist()
+        full = torch.rand(batch, generator=gen) < full_caption_share
+        choice = torch.randint(1, 5, (batch,), generator=gen).tolist()
+        ids = [per_image[i][0 if f else c] for i, f, c in zip(pick, full.tolist(), choice)]
+        out_ = model(input_ids=enc.input_ids[ids], attention_mask=enc.attention_mask[ids], pixel_values=pixels[pick])
         logits = out_.logits_per_image
-        fits = torch.tensor([[t in fits_of[i] for t in texts] for i in pick], dtype=torch.float)
+        fits = torch.tensor([[all(n is None or n == a for n, a in zip(named[t], image_attrs[i])) for t in ids]
+                             for i in pick], dtype=torch.float)
         loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
                 + F.cross_entropy(logits.t(), fits.t() / fits.t().sum(1, keepdim=True))) / 2
-        patches = out_.vision_model_output.hidden_states[-1][:, 1:]
-        pred = head(patches)
-        obj, colour, kind, box = (targets[k][pick] for k in ("obj", "colour", "kind", "box"))
-        here = obj.bool()
-        dense = (F.binary_cross_entropy_with_logits(pred[..., 0], obj)
-                 + F.cross_entropy(pred[..., 1:1 + n_col].reshape(-1, n_col), colour.reshape(-1))
-                 + F.cross_entropy(pred[..., 1 + n_col:1 + n_col + n_kind].reshape(-1, n_kind), kind.reshape(-1))
-                 + 10 * F.l1_loss(pred[..., -4:][here], box[here]))
-        total = loss + dense_weight * dense
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(total.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{total.item():.3f}", box=f"{F.l1_loss(pred[..., -4:][here], box[here]).item() * 64:.1f}px")
-    bar.close()
+        losses.append(loss.item())
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -182,34 +140,20 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
     return losses
 
 
-def lm_texts(conversations: list[dict], grounded: dict[str, str], tokenizer, *, copy_prompt: str | None = None,
-             max_exchanges: int = 3) -> list[str]:
-    """Chat-formatted text: each picture's grounded description (caption and boxes) stands where the picture
-    will later be, then the conversation's first `max_exchanges` questions and answers.
-
-    With `copy_prompt`, every picture also gets a text that asks it and answers with the description itself:
-    the skill Stage I needs (the frozen text expert repeating what stands in the picture's place).
-    """
+def lm_texts(scenes: list[world.Scene], tokenizer, seed: int) -> list[str]:
+    """Chat-formatted text: the description stands where the image will be, then questions about it."""
+    rng = random.Random(f"lm:{seed}")
     texts = []
-    for convo in conversations:
-        images = convo["image"] if isinstance(convo["image"], list) else [convo["image"]]
-        queue = list(images)
-        messages = []
-        for t in convo["conversations"][: 2 * max_exchanges]:
-            value = t["value"]
-            while "<image>\n" in value:
-                value = value.replace("<image>\n", grounded[queue.pop(0)] + "\n", 1)
-            messages.append({"role": "user" if t["from"] == "human" else "assistant", "content": value})
+    for scene in scenes:
+        convo = world.conversation(scene, rng)
+        messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                     "content": t["value"].replace("<image>\n", scene.caption())} for t in convo]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    if copy_prompt:
-        for text in grounded.values():
-            messages = [{"role": "user", "content": f"{text}\n{copy_prompt}"}, {"role": "assistant", "content": text}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return texts
 
 
 def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
-              lr: float = 3e-3, progress=None) -> list[float]:
+              lr: float = 3e-3) -> list[float]:
     """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer."""
     from transformers import GlmConfig, GlmForCausalLM
 
@@ -218,7 +162,7 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
            "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
     config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
                        num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=1024, tie_word_embeddings=False, **ids)
+                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=512, tie_word_embeddings=False, **ids)
     model = GlmForCausalLM(config)
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -227,8 +171,7 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    bar = tqdm(total=steps, desc="text expert (GLM)", unit="step", leave=False) if progress is None else progress
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="text expert (GLM)", unit="step", leave=False):
         pick = torch.randint(0, len(texts), (batch,), generator=gen)
         width = int(enc.attention_mask[pick].sum(1).max())
         out_ = model(input_ids=enc.input_ids[pick, :width], attention_mask=enc.attention_mask[pick, :width],
@@ -239,9 +182,6 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
         opt.step()
         sched.step()
         losses.append(out_.loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
-    bar.close()
     model.eval()
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
     out.mkdir(parents=True, exist_ok=True)
