@@ -134,3 +134,59 @@ def test_front_ends_draw_an_answers_boxes(tmp_path):
     assert saver.save(Image.open(picture), "没有框。") is None
     saved = saver.save(Image.open(picture), answer, picture)
     assert saved.name == "0001_p_boxes.png" and Image.open(saved).size == (512, 256)
+
+
+def _shapes(root):
+    """Two pictures drawn here (a red square, a blue disc) with grounding and detection records for them."""
+    from PIL import ImageDraw
+
+    for name, colour, draw in (("square.png", (220, 40, 40), "rectangle"), ("disc.png", (40, 40, 220), "ellipse")):
+        img = Image.new("RGB", (64, 48), "white")
+        getattr(ImageDraw.Draw(img), draw)((8, 4, 40, 36), fill=colour)
+        img.save(root / name)
+    refs = [{"image": "square.png", "expression": "红色的正方形", "bbox": [8, 4, 32, 32], "type": "one"},
+            {"image": "disc.png", "expression": "蓝色的圆形", "bbox": [8, 4, 32, 32]},
+            {"image": "missing.png", "expression": "什么", "bbox": [0, 0, 4, 4]}]
+    dets = [{"image": "square.png", "label": "正方形", "boxes": [[8, 4, 32, 32]]},
+            {"image": "disc.png", "label": "正方形", "boxes": []}]
+    for name, rows in (("refs.jsonl", refs), ("dets.jsonl", dets)):
+        (root / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def test_eval_grounding_and_detect_end_to_end(tiny_model_dir, tmp_path):
+    """The commands ask the expression's question, score each answer's boxes and write what they scored."""
+    import seechat
+    from seechat.__main__ import main
+    from seechat.chat.engine import ChatEngine, ChatState, GenerationSettings
+    from seechat.eval.grounding import grounding_row, score_detection, score_grounding
+
+    _shapes(tmp_path)
+    out = tmp_path / "ground"
+    assert main(["eval", "grounding", "--model", str(tiny_model_dir), "--data", str(tmp_path / "refs.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "8", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "error" in rows[2]  # the missing picture is left out, not a crash
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["n_unreadable"] == 1 and (out / "grid.png").is_file()
+    assert metrics == json.loads(json.dumps(score_grounding(rows)))  # the metrics are those of the rows written
+    # each answer is the model's own reply to 请框出<expression>。 about that picture, scored against the true box
+    model = seechat.load(tiny_model_dir, device="cpu", dtype="fp32")
+    engine = ChatEngine(model, reuse_cache=False)
+    picture = Image.open(tmp_path / "square.png").convert("RGB")
+    state = ChatState.of([{"role": "user", "content": "<image>\n请框出红色的正方形。"}], [picture])
+    alone = "".join(engine.stream_chat(state, GenerationSettings(max_new_tokens=8)))
+    assert rows[0]["answer"] == alone and rows[0]["truth"] == [8, 4, 40, 36]
+    assert rows[0] == {**grounding_row({"image": "square.png", "box": (8, 4, 40, 36), "type": "one", "id": "1",
+                                        "expression": "红色的正方形"},
+                                       alone, 64, 48), "truth": [8, 4, 40, 36]}
+    out = tmp_path / "detect"
+    assert main(["eval", "detect", "--model", str(tiny_model_dir), "--data", str(tmp_path / "dets.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "8"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["truth"] for r in rows] == [[[8, 4, 40, 36]], []] and all(r["label"] == "正方形" for r in rows)
+    assert all(r["predicted"] == [list(b.to_pixels(64, 48)) for b in parse_boxes(r["answer"])] for r in rows)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(score_detection(rows)))
+    # a box that is not [x, y, w, h] with w, h > 0 is a clear error (exit 2), not a crash
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "square.png", "expression": "x", "bbox": [1, 2, 0, 4]}) + "\n")
+    assert main(["eval", "grounding", "--model", str(tiny_model_dir), "--data", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "bad")]) == 2
