@@ -1,7 +1,7 @@
 """Boxes through dialogue: referring-expression grounding (Acc@0.5, mean IoU) and detect-all (P/R, COCO mAP).
 
-    seechat eval grounding --model runs/toyworld/model --data runs/toyworld/data/test/refs.jsonl --out runs/eval/ground
-    seechat eval detect    --model runs/toyworld/model --data dets.jsonl --out runs/eval/detect
+    seechat eval grounding --model DIR --data runs/refcoco/refs_val.jsonl --out runs/eval/ground
+    seechat eval detect    --model DIR --data dets.jsonl --out runs/eval/detect
 
 Grounding records (RefCOCO-style, what `seechat data refcoco` writes), one JSON object per line:
 
