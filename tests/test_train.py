@@ -19,6 +19,7 @@ import seechat
 from seechat.__main__ import main
 from seechat.errors import ConfigError
 from seechat.train.config import load_config
+from seechat.train.progress import PhaseProgress
 from seechat.train.run import train
 from seechat.train.trainer import BadDataError
 
@@ -96,7 +97,13 @@ def test_stage1_then_stage2_end_to_end(experts, train_data, tmp_path, red):
 def test_parts_overrides(experts, train_data, tmp_path):
     cfg = _cfg(tmp_path, _align_config(experts, train_data, tmp_path / "full", max_steps=1, save_steps=100),
                ["parts.llm=full"])
-    result = train("align", cfg)
+    bar = PhaseProgress("align (Stage I)")
+    result = train("align", cfg, callbacks=[bar])
+    # the phase's own bar replaces the Trainer's, and shows the logged loss
+    kinds = [type(c).__name__ for c in result.trainer.callback_handler.callbacks]
+    assert "PhaseProgress" in kinds and "ProgressCallback" not in kinds and bar.bar is None  # closed at the end
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert losses and bar.postfix["loss"] == f"{losses[-1]:.3f}"
     trainable = {n.split(".")[0] for n, p in result.trainer.model.named_parameters() if p.requires_grad}
     assert trainable == {"bridge", "llm"}
     assert (result.model_dir / "llm" / "model.safetensors").is_file()

@@ -6,6 +6,8 @@
 For each image the model first answers the default prompt (详细描述这张图片), then asks `question: `.
 `break` ends this image's round and moves to the next image; `/image PATH` brings another image into
 the conversation; `/reset` clears the history; `exit` or Ctrl-D quits. Seconds per turn are shown.
+With `--save-boxes DIR`, an answer with boxes (`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`, seechat.boxes) saves
+the newest picture with those boxes drawn into DIR and says where.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class ChatArgs:
     prompt: str | None = field(
         default=None, metadata={"help": "Ask this once per image, print only the answer on stdout, and exit."}
     )
+    save_boxes: str | None = field(
+        default=None, metadata={"help": "Save each picture with the answer's boxes drawn into this folder."}
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -40,9 +45,10 @@ def main(argv: list[str]) -> int:
     setup_logging()
     images = _images(args.image)  # check the images before spending time on the model
     engine = ChatEngine(load_model(load_args))
+    boxes = _BoxSaver(Path(args.save_boxes)) if args.save_boxes else None
     if args.prompt is not None:
-        return _answer_each(engine, images, args.prompt, settings)
-    return _interactive(engine, images, settings)
+        return _answer_each(engine, images, args.prompt, settings, boxes)
+    return _interactive(engine, images, settings, boxes)
 
 
 def _images(path: str | None) -> list[Path | None]:
@@ -58,7 +64,7 @@ def _images(path: str | None) -> list[Path | None]:
     return [p]
 
 
-def _answer_each(engine: ChatEngine, images, prompt: str, settings: GenerationSettings) -> int:
+def _answer_each(engine: ChatEngine, images, prompt: str, settings: GenerationSettings, boxes=None) -> int:
     failed = 0
     for path in images:
         try:
@@ -71,10 +77,12 @@ def _answer_each(engine: ChatEngine, images, prompt: str, settings: GenerationSe
         if path is not None and len(images) > 1:
             print(f"{path.name}:", file=sys.stderr)
         print(answer, flush=True)
+        if boxes is not None and image is not None:
+            boxes.save(image, answer, path)
     return 2 if failed else 0
 
 
-def _interactive(engine: ChatEngine, images, settings: GenerationSettings) -> int:
+def _interactive(engine: ChatEngine, images, settings: GenerationSettings, boxes=None) -> int:
     out = sys.stdout
     print(HELP, file=sys.stderr)
     for path in images:
@@ -87,7 +95,7 @@ def _interactive(engine: ChatEngine, images, settings: GenerationSettings) -> in
             except ImageError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 continue
-            _turn(conv, engine.model.config.default_prompt, current, settings, out)
+            _turn(conv, engine.model.config.default_prompt, current, settings, out, boxes, current)
         while True:
             try:
                 line = input("question: ")
@@ -116,14 +124,14 @@ def _interactive(engine: ChatEngine, images, settings: GenerationSettings) -> in
                     print(f"error: {exc}", file=sys.stderr)
                     continue
                 pending = None
-                _turn(conv, engine.model.config.default_prompt, current, settings, out)
+                _turn(conv, engine.model.config.default_prompt, current, settings, out, boxes, current)
                 continue
-            _turn(conv, text, pending, settings, out)
+            _turn(conv, text, pending, settings, out, boxes, current)
             pending = None
     return 0
 
 
-def _turn(conv: Conversation, text: str, image, settings: GenerationSettings, out) -> None:
+def _turn(conv: Conversation, text: str, image, settings: GenerationSettings, out, boxes=None, newest=None) -> None:
     """Stream one answer; a bad request or Ctrl-C ends the turn, not the chat."""
     start = time.perf_counter()
     print("answer: ", end="", file=out, flush=True)
@@ -137,3 +145,29 @@ def _turn(conv: Conversation, text: str, image, settings: GenerationSettings, ou
         print("\n(interrupted)", file=out, flush=True)
         return
     print(f"\n{time.perf_counter() - start:.2f}s", file=out, flush=True)
+    if boxes is not None and newest is not None and conv.last_reply is not None:
+        boxes.save(newest, conv.last_reply.text)
+
+
+class _BoxSaver:
+    """Saves a picture with an answer's boxes drawn (numbered files, so no answer overwrites another)."""
+
+    def __init__(self, folder: Path):
+        if folder.exists() and not folder.is_dir():
+            raise SeeChatError(f"--save-boxes {folder} is a file: give a folder")
+        self.folder, self.count = folder, 0
+
+    def save(self, image, answer: str, path: Path | None = None) -> Path | None:
+        from ..boxes import draw_boxes, parse_boxes
+
+        found = parse_boxes(answer)
+        if not found:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count += 1
+        stem = path.stem if path is not None else "picture"
+        target = self.folder / f"{self.count:04d}_{stem}_boxes.png"
+        labels = [b.ref if b.ref and b.ref.isascii() else str(k + 1) for k, b in enumerate(found)]
+        draw_boxes(image, found, labels, scale_to=512).save(target)
+        print(f"(boxes drawn: {target})", file=sys.stderr, flush=True)
+        return target

@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "caption": ("seechat.eval.caption_metrics:main", "CIDEr-D, BLEU-1..4, ROUGE-L of captions against references"),
     "mcq": ("seechat.eval.mcq:main", "MMBench / MMBench-CN / CCBench TSVs with CircularEval"),
     "vqa": ("seechat.eval.vqa:main", "question/answer sets: exact-match and normalized accuracy"),
+    "grounding": ("seechat.eval.grounding:main_grounding", "referring expressions -> boxes: Acc@0.5, mean IoU, per type"),
+    "detect": ("seechat.eval.grounding:main_detect", "detect-all answers: precision/recall at IoU 0.5, COCO mAP"),
     "toyworld": ("seechat.eval.toyworld:main", "all of the above on a toy-world run (captions, win-rate, CIDEr, vqa)"),
 }
 

@@ -8,6 +8,11 @@ The data file has one JSON object per line:
      "type": "<question type, optional>", "id": "<optional; default the line number>",
      "history": [["<an earlier question>", "<its answer>"], ...]   (optional: a follow-up question)}
 
+A record about several pictures gives "images": [...] instead of "image", and one <image> marker per picture
+in its question and history, in order (a picture brought in later has its marker in that later turn):
+
+    {"images": ["a.png", "b.png"], "question": "<image>\n<image>\n第二张图里是什么？", "answer": "..."}
+
 --data may also be a folder holding qa.jsonl, such as a toy-world split (runs/toyworld/data/heldout_combos).
 Each question is asked about its image in a fresh conversation (after its history, if any: the image goes
 with the first question and the history's answers are the given ones), greedily (batched; the answers equal
@@ -100,6 +105,9 @@ def read_questions(path: str) -> list[dict]:
     base = Path(path).parent
     items = []
     for number, obj in read_jsonl(path, "questions file"):
+        if "images" in obj:
+            items.append(_several(obj, path, number, base))
+            continue
         image = get_field(obj, "image", path, number)
         items.append({
             "id": str(obj.get("id", number)),
@@ -123,9 +131,15 @@ def run_vqa(model, items: list[dict], out: Path, *, batch_size: int = 8, max_new
     cache: dict = {}
     bar = tqdm(total=len(items), unit="question", desc="vqa", disable=not progress or None, leave=False)
     embeddings = ImageCache()  # several questions about one picture: encoded once
+    several = [k for k, item in enumerate(items) if "images" in item]
+    for start in range(0, len(several), batch_size):
+        _answer_several(model, items, several[start:start + batch_size], results, cache, settings)
+        bar.update(min(batch_size, len(several) - start))
     for start in range(0, len(items), batch_size):
         ready, images = [], []
         for k in range(start, min(start + batch_size, len(items))):
+            if "images" in items[k]:
+                continue
             image = _image(items[k]["path"], items[k]["image"], cache)
             if isinstance(image, str):
                 results[k] = _row(items[k], None, error=image)
@@ -137,7 +151,7 @@ def run_vqa(model, items: list[dict], out: Path, *, batch_size: int = 8, max_new
                                      histories=[items[k].get("history") or [] for k in ready], image_cache=embeddings)
             for k, reply in zip(ready, replies):
                 results[k] = _row(items[k], reply.text)
-        bar.update(min(batch_size, len(items) - start))
+        bar.update(min(batch_size, len(items) - start) - sum("images" in it for it in items[start:start + batch_size]))
     bar.close()
     write_jsonl(out / "results.jsonl", results)
     metrics = score(results)
@@ -193,6 +207,45 @@ def _history(value, path: str, number: int) -> list[list[str]]:
     ):
         raise DataError(f"{path}:{number}: 'history' must be a list of [question, answer] string pairs")
     return value
+
+
+def _several(obj: dict, path: str, number: int, base: Path) -> dict:
+    """A record about several pictures: its markers must match its pictures."""
+    images = obj["images"]
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise DataError(f"{path}:{number}: 'images' must be a non-empty list of image paths")
+    question = get_field(obj, "question", path, number)
+    history = _history(obj.get("history"), path, number)
+    markers = question.count("<image>") + sum(q.count("<image>") + a.count("<image>") for q, a in history)
+    if markers != len(images):
+        raise DataError(f"{path}:{number}: {markers} <image> marker(s) for {len(images)} image(s): put one "
+                        "<image> marker in the question (or history) per picture, in order")
+    return {"id": str(obj.get("id", number)), "image": " | ".join(images), "images": images,
+            "paths": [base / i for i in images], "question": question,
+            "answer": str(get_field(obj, "answer", path, number, kind=(str, int, float))),
+            "type": str(obj.get("type") or NO_TYPE), "history": history}
+
+
+def _answer_several(model, items: list[dict], ks: list[int], results: list, cache: dict, settings) -> None:
+    """Answer the several-picture items `ks` in one batch (their markers in the text, pictures in order)."""
+    from ..chat.multi import generate_conversations
+
+    rows, ready = [], []
+    for k in ks:
+        item = items[k]
+        pictures = [_image(p, n, cache) for p, n in zip(item["paths"], item["images"])]
+        bad = next((p for p in pictures if isinstance(p, str)), None)
+        if bad is not None:
+            results[k] = _row(item, None, error=bad)
+            continue
+        messages = []
+        for question, answer in item["history"]:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": item["question"]})
+        rows.append((messages, pictures))
+        ready.append(k)
+    for k, reply in zip(ready, generate_conversations(model, rows, settings)):
+        results[k] = _row(items[k], reply.text)
 
 
 def _image(path: Path, name: str, cache: dict, keep: int = 64):

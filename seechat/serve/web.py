@@ -8,6 +8,8 @@ The image is attached to the next question; a newly uploaded image joins the sam
 history and attaches the current image again to the next question; both stop an answer that is still
 streaming first. Each tab's conversation (its KV cache and images) is freed after --session-idle-minutes
 without a question, and when more than --max-sessions tabs are open, the longest idle goes first.
+An answer with boxes (`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`, seechat.boxes) is shown beside the chat
+as the picture with those boxes and their labels (框 Boxes).
 Everything is served from this machine: no analytics, no fonts or scripts from a CDN.
 """
 
@@ -201,6 +203,24 @@ class WebChat:
         return [], session, ""
 
 
+def answer_boxes(session, image_path):
+    """The picture with the last answer's boxes and labels, for gr.AnnotatedImage (None when it has none)."""
+    from PIL import Image
+
+    from ..boxes import parse_boxes
+
+    reply = session.conversation.last_reply if session is not None else None
+    found = parse_boxes(reply.text) if reply is not None else []
+    if not found or not image_path:
+        return None
+    try:
+        width, height = Image.open(image_path).size
+    except OSError:
+        return None
+    spans = [(tuple(round(v) for v in b.to_pixels(width, height)), b.ref or f"#{k + 1}") for k, b in enumerate(found)]
+    return image_path, spans
+
+
 def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None, args: WebArgs | None = None):
     """The Gradio Blocks page over `engine` (launch it yourself, or use `main`)."""
     import gradio as gr
@@ -217,6 +237,7 @@ def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None, a
             with gr.Column(scale=2):
                 image = gr.Image(label="图片 Image", type="filepath", format="png", sources=["upload", "clipboard"],
                                  height=300, buttons=["fullscreen"], elem_id="image")
+                boxes = gr.AnnotatedImage(label="框 Boxes", height=300, elem_id="boxes")
                 with gr.Row():
                     new_btn = gr.Button("新图片 New image", elem_id="new-image")
                     clear_btn = gr.Button("清空对话 Clear chat", elem_id="clear")
@@ -239,8 +260,8 @@ def build_page(engine: ChatEngine, defaults: GenerationSettings | None = None, a
                 stats = gr.Markdown(elem_id="stats")
         inputs = [question, chatbot, session, image, max_new, temperature, top_p, top_k, repetition, seed]
         outputs = [chatbot, question, session, stats]
-        send.click(chat.respond, inputs, outputs)
-        question.submit(chat.respond, inputs, outputs)
+        send.click(chat.respond, inputs, outputs).then(answer_boxes, [session, image], [boxes])
+        question.submit(chat.respond, inputs, outputs).then(answer_boxes, [session, image], [boxes])
         new_btn.click(chat.new_image, [session], [image, chatbot, session, question, stats], queue=False)
         clear_btn.click(chat.clear_chat, [session], [chatbot, session, stats], queue=False)
     return page

@@ -230,7 +230,10 @@ def _run_stage(stage: str, cfg: dict, out: Path, load_config, train) -> None:
     path.write_text(f"# seechat train {stage} --config {path}\n" + yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False),
                     encoding="utf-8")
     shutil.rmtree(cfg["output_dir"], ignore_errors=True)
-    result = train(stage, load_config(str(path), []))
+    from ..train.progress import PhaseProgress
+
+    bar = PhaseProgress(f"{stage} (Stage {'I' if stage == 'align' else 'II'})")  # one bar per phase, with its loss
+    result = train(stage, load_config(str(path), []), callbacks=[bar])
     history = result.trainer.state.log_history
     _losses(out, stage, [h["loss"] for h in history if "loss" in h],
             steps=[h["step"] for h in history if "loss" in h])

@@ -80,8 +80,8 @@ class TrainResult:
     """The SeeChatTrainer, with its state (log history) and the trained model."""
 
 
-def train(stage: str, cfg: TrainConfig) -> TrainResult:
-    """Run one stage."""
+def train(stage: str, cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Run one stage; `callbacks` are extra TrainerCallbacks (one with `replaces_progress` replaces the bar)."""
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -176,6 +176,12 @@ def train(stage: str, cfg: TrainConfig) -> TrainResult:
         max_bad_ratio=data.max_bad_ratio,
         bad_ratio_after=data.bad_ratio_after,
     )
+    for callback in callbacks or ():
+        if getattr(callback, "replaces_progress", False):
+            from transformers import ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = out / "model"
     trainer.save_model(str(final))
