@@ -186,7 +186,9 @@ def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path, monkeypatc
     saved = json.loads((result.model_dir / "seechat.json").read_text())
     assert saved["llm"]["name_or_path"].endswith(".gguf")  # the model directory records the GGUF it came from
     model = seechat.load(result.model_dir, device="cpu", dtype="bf16")
-    assert model.num_image_tokens == 4 and model.vision.hidden_size == 1280 and model.llm.config.vocab_size == 49152
+    assert model.num_image_tokens == 4 and model.vision.hidden_size == 1280
+    # SmolLM2's 49,152 rows plus one for the image token (id 49152, past the GGUF's vocabulary)
+    assert model.image_token_id == 49152 and model.llm.get_input_embeddings().num_embeddings == 49153
     image = Image.open(paths[0]).convert("RGB")
     (reply,) = generate_batch(model, [image], ["What is the capital of France?"],
                               GenerationSettings(max_new_tokens=12))
