@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from ..errors import ConfigError
 from ..model.seechat import SeeChat
 

@@ -26,7 +26,6 @@ import logging
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,36 +71,16 @@ def build(args: RealArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8"))
     key = hashlib.sha256(json.dumps([recipe, dataclasses.asdict(args), 1]).encode()).hexdigest()[:16]
-    stamps = out / ".stamps"
-    stamps.mkdir(exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    stale = False
     phases = [("experts", _experts), ("data", _data), ("align", _align), ("instruct", _instruct),
               ("evaluate", _evaluate)]
-    for name, fn in phases:
-        stamp = stamps / f"{name}.json"
-        if not stale and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-            timings[name] = json.loads(stamp.read_text())["seconds"]
-            log.info("real: %s already built (%.0fs), reused", name, timings[name])
-            continue
-        stale = True  # everything after a rebuilt phase is rebuilt too
-        log.info("real: %s ...", name)
-        t = time.perf_counter()
-        fn(args, out, experts, recipe)
-        timings[name] = round(time.perf_counter() - t, 1)
-        stamp.write_text(json.dumps({"key": key, "seconds": timings[name]}))
-        log.info("real: %s done in %.0fs", name, timings[name])
-    metrics = json.loads((out / "metrics.json").read_text())
-    if stale:
-        metrics["build_seconds"] = round(sum(timings.values()), 1)
-        metrics["phase_seconds"] = timings
-        (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
-        from .report import write_report
 
-        write_report(out, metrics)
-    metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
-    return metrics
+    def phase(fn):
+        return lambda timings: fn(args, out, experts, recipe)
+
+    from ..train.phases import run_phases
+    from .report import write_report
+
+    return run_phases(out, key, [(name, phase(fn)) for name, fn in phases], label="real", report=write_report)
 
 
 # -- phases -----------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..train.phases import plot_phase_losses
+
 
 def write_report(out: Path, metrics: dict) -> Path:
     import matplotlib
@@ -35,23 +37,7 @@ def write_report(out: Path, metrics: dict) -> Path:
 
 
 def _plot_losses(out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3), dpi=100)
-    for ax, (name, title) in zip(axes, [("align", "Stage I: align (bridge)"), ("instruct", "Stage II: instruct")]):
-        f = out / "losses" / f"{name}.json"
-        if f.is_file():
-            data = json.loads(f.read_text())
-            ax.plot(data["step"], data["loss"])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss")
-    fig.tight_layout()
-    path = out / "report_losses.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_phase_losses(out, [("align", "Stage I: align (bridge)"), ("instruct", "Stage II: instruct")])
 
 
 def _plot_grid(out: Path, n: int = 12, per_image: int = 3) -> Path:

@@ -19,7 +19,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,36 +68,20 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, 1]).encode()).hexdigest()[:16]
-    stamps = out / ".stamps"
-    stamps.mkdir(exist_ok=True)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    stale = False
     phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
               ("evaluate", _evaluate)]
-    for name, fn in tqdm(phases, desc="toy world", unit="phase", leave=True):
-        stamp = stamps / f"{name}.json"
-        if not stale and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-            timings[name] = json.loads(stamp.read_text())["seconds"]
-            log.info("toy world: %s already built (%.0fs), reused", name, timings[name])
-            continue
-        stale = True  # everything after a rebuilt phase is rebuilt too
-        t = time.perf_counter()
-        torch.manual_seed(seed)
-        fn(out, plan, seed, timings)
-        timings[name] = round(time.perf_counter() - t, 1)
-        stamp.write_text(json.dumps({"key": key, "seconds": timings[name]}))
-        log.info("toy world: %s done in %.0fs", name, timings[name])
-    metrics = json.loads((out / "metrics.json").read_text())
-    if stale:
-        metrics["build_seconds"] = round(sum(timings.values()), 1)
-        metrics["phase_seconds"] = timings
-        (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
-        from .report import write_report
 
-        write_report(out, metrics)
-    metrics["this_run_seconds"] = round(time.perf_counter() - start, 1)
-    return metrics
+    def seeded(fn):
+        def phase(timings: dict) -> None:
+            torch.manual_seed(seed)
+            fn(out, plan, seed, timings)
+        return phase
+
+    from ..train.phases import run_phases
+    from .report import write_report
+
+    return run_phases(out, key, [(name, seeded(fn)) for name, fn in phases], label="toy world",
+                      report=write_report, bar=True)
 
 
 # -- phases -----------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..train.phases import plot_phase_losses
+
 from . import world
 
 TYPE_NAMES = {"colour": "颜色 colour", "shape": "形状 shape", "position": "位置 position",
@@ -56,25 +58,8 @@ def write_report(out: Path, metrics: dict) -> Path:
 
 
 def _plot_losses(out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    names = [("vision", "vision expert (CLIP)"), ("llm", "text expert (GLM)"), ("align", "Stage I: align"),
-             ("instruct", "Stage II: instruct")]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3), dpi=100)
-    for ax, (name, title) in zip(axes, names):
-        f = out / "losses" / f"{name}.json"
-        if f.is_file():
-            data = json.loads(f.read_text())
-            ax.plot(data["step"], data["loss"])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss")
-    fig.tight_layout()
-    path = out / "report_losses.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_phase_losses(out, [("vision", "vision expert (CLIP)"), ("llm", "text expert (GLM)"),
+                                   ("align", "Stage I: align"), ("instruct", "Stage II: instruct")])
 
 
 def _plot_grid(out: Path, n: int = 12) -> Path:
