@@ -189,12 +189,26 @@ class ChatEngine:
         """
         model, tok = self.model, self.model.tokenizer
         with self.lock:
-            rows = []
+            fitted = []
             for i, turn in enumerate(turns):
                 try:
-                    ids, max_new, messages, images = self._fit(turn.state, turn.settings, turn.reply)
-                    embeds = self._image_embeds(images)
+                    fitted.append((i, turn, *self._fit(turn.state, turn.settings, turn.reply)))
                 except Exception as exc:  # this request's own problem: the others go on
+                    on_finish(i, exc)
+            # the batch's images go through the vision expert together, each distinct image once
+            entries = [e for *_, images in fitted for e in images if e.embeds is None]
+            distinct = list({e.digest: e for e in entries}.values())
+            try:
+                self._image_embeds(distinct)
+            except Exception:  # one bad image: encode row by row below, so only its request fails
+                pass
+            for e in entries:
+                e.embeds = next((d.embeds for d in distinct if d.digest == e.digest), None)
+            rows = []
+            for i, turn, ids, max_new, messages, images in fitted:
+                try:
+                    embeds = self._image_embeds(images)
+                except Exception as exc:
                     on_finish(i, exc)
                     continue
                 turn.reply.prompt_tokens = turn.reply.prefill_tokens = len(ids)
