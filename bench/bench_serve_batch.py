@@ -4,9 +4,11 @@ Two servers run as subprocesses over the same model (runs/toyworld/model, or a t
 when that is absent; the result says which): one with --max-batch 8, one with --max-batch 1 (one request at
 a time, the behaviour before batching). The client counts are run in interleaved rounds, alternating the two
 servers, so load from other work on the machine hits both alike; the ratios are the result. Every request asks
-one of four questions, each about its own image (a data: URL, four colours), for 16 greedy tokens, half of them streamed; each answer
-is compared with the answer the same request gets alone (sent first, one at a time). A client that gets 429
-waits the Retry-After and sends again (deliberate 429s are counted, not errors).
+one of four questions about an image of its own (a 64x64 PNG data: URL whose colours encode the request, so
+the prefix cache cannot answer a repeated request) for 16 greedy tokens, half of them streamed. Each answer of
+the --max-batch 8 server is compared with the answer the --max-batch 1 server gave the same request (there it
+ran alone). A client that gets 429 waits the Retry-After and sends again (deliberate 429s are counted, not
+errors).
 
     python bench/bench_serve_batch.py [MODEL_DIR]      # or: python bench/run.py serve_batch
 
@@ -24,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,19 +58,23 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8"], MAX_QUEUE) as (url8, _), \
                 _server(model, Path(tmp) / "b1.log", ["--max-batch", "1"], MAX_QUEUE) as (url1, _):
             servers = {8: url8, 1: url1}
-            alone = {q: asyncio.run(_ask_once(url8, q)) for q in QUESTIONS}
             runs: dict = {b: {c: [] for c in CLIENTS} for b in servers}
             load_before = os.getloadavg()
-            for _ in range(ROUNDS):
+            for n in range(ROUNDS):
                 for clients, per_client in CLIENTS.items():
+                    answers = {}
                     for batch, url in servers.items():
-                        runs[batch][clients].append(asyncio.run(_load(url, clients, per_client, alone)))
+                        run_, answers[batch] = asyncio.run(_load(url, clients, per_client, n))
+                        runs[batch][clients].append(run_)
+                    same = [k for k in answers[8] if k in answers[1]]
+                    runs[8][clients][-1]["answers_unlike_single"] = sum(answers[8][k] != answers[1][k] for k in same)
+                    runs[8][clients][-1]["answers_compared"] = len(same)
             health = {b: httpx.get(f"{u}/health").json() for b, u in servers.items()}
     table = {b: {c: _merge(r) for c, r in per.items()} for b, per in runs.items()}
     return {
         "model": {"dir": str(model), "which": kind},
         "setup": {"rounds": ROUNDS, "requests_per_client_per_round": CLIENTS, "max_tokens": MAX_TOKENS,
-                  "max_queue": MAX_QUEUE, "streaming": "every other request", "image": "64x64 PNG, data: URL, one colour per question (4 distinct)",
+                  "max_queue": MAX_QUEUE, "streaming": "every other request", "image": "64x64 PNG, data: URL, one per request",
                   "on_429": "wait Retry-After, send again", "order": "rounds of 1, 8, 32 clients, each on "
                   "--max-batch 8 then --max-batch 1"},
         "requests_per_second": {f"max_batch_{b}": {str(c): t["requests_per_second"] for c, t in per.items()}
@@ -93,15 +100,8 @@ def _body(question: str, image: str, stream: bool) -> dict:
         {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]}]}
 
 
-async def _ask_once(url: str, question: str) -> str:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        r = await http.post("/v1/chat/completions", json=_body(question, _image_url(question), False))
-        r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"]
-
-
-async def _load(url: str, clients: int, per_client: int, alone: dict) -> dict:
-    answered, errors, differ, rejected = 0, [], 0, 0
+async def _load(url: str, clients: int, per_client: int, round_: int) -> tuple[dict, dict]:
+    answered, errors, rejected, answers = 0, [], 0, {}
 
     async def one(http: httpx.AsyncClient, body: dict) -> tuple[str, str | None]:
         try:
@@ -125,11 +125,11 @@ async def _load(url: str, clients: int, per_client: int, alone: dict) -> dict:
             return f"{type(exc).__name__}: {exc}"[:200], None
 
     async def client(k: int) -> None:
-        nonlocal answered, differ, rejected
+        nonlocal answered, rejected
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             for i in range(per_client):
                 question = QUESTIONS[(k + i) % len(QUESTIONS)]
-                body = _body(question, _image_url(question), (k + i) % 2 == 1)
+                body = _body(question, _image_url((round_, clients, k, i)), (k + i) % 2 == 1)
                 while True:
                     outcome, text = await one(http, body)
                     if not outcome.startswith("429 "):
@@ -138,7 +138,7 @@ async def _load(url: str, clients: int, per_client: int, alone: dict) -> dict:
                     await asyncio.sleep(float(outcome.split()[1]))
                 if outcome == "ok":
                     answered += 1
-                    differ += text != alone[question]
+                    answers[k, i] = text
                 else:
                     errors.append(outcome)
 
@@ -146,15 +146,16 @@ async def _load(url: str, clients: int, per_client: int, alone: dict) -> dict:
     await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - start
     return {"requests": clients * per_client, "answered": answered, "errors": errors, "deliberate_429s": rejected,
-            "answers_unlike_single": differ, "seconds": wall}
+            "answers_unlike_single": 0, "answers_compared": 0, "seconds": wall}, answers
 
 
-def _image_url(question: str) -> str:
-    """A 64x64 PNG data: URL with a disc whose colour depends on the question."""
+def _image_url(key: tuple) -> str:
+    """A 64x64 PNG data: URL of a disc on a background whose colours encode `key` (one image per request)."""
     from PIL import Image, ImageDraw
 
-    colour = [(220, 40, 40), (40, 160, 60), (40, 60, 220), (230, 200, 40)][QUESTIONS.index(question) % 4]
-    img = Image.new("RGB", (64, 64), "white")
+    n = zlib.crc32(repr(key).encode()) % 2**24
+    colour, background = (n % 256, n // 256 % 256, n // 65536), (255 - n % 97, 255 - n % 89, 255 - n % 83)
+    img = Image.new("RGB", (64, 64), background)
     ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=colour)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -173,7 +174,8 @@ def _merge(rounds: list[dict]) -> dict:
     errors = [e for r in rounds for e in r["errors"]]
     return {"requests": sum(r["requests"] for r in rounds), "answered": answered, "errors": len(errors),
             "error_examples": sorted(set(errors))[:5], "deliberate_429s": sum(r["deliberate_429s"] for r in rounds),
-            "answers_unlike_single": sum(r["answers_unlike_single"] for r in rounds), "seconds": round(seconds, 2),
+            "answers_unlike_single": sum(r["answers_unlike_single"] for r in rounds),
+            "answers_compared": sum(r["answers_compared"] for r in rounds), "seconds": round(seconds, 2),
             "requests_per_second": round(answered / seconds, 2),
             "requests_per_second_by_round": [round(r["answered"] / r["seconds"], 2) for r in rounds],
             "round_spread": round(statistics.pstdev([r["answered"] / r["seconds"] for r in rounds]), 2)}
@@ -185,13 +187,13 @@ def summary(result: dict) -> str:
         f"--max-queue {result['setup']['max_queue']}, {result['setup']['rounds']} interleaved rounds. "
         f"{result['note']}.",
         "",
-        "| --max-batch | clients | answered | errors | deliberate 429s | answers unlike single | req/s (per round) |",
+        "| --max-batch | clients | answered | errors | deliberate 429s | answers unlike --max-batch 1 | req/s (per round) |",
         "|---|---|---|---|---|---|---|",
     ]
     for b, per in result["runs"].items():
         for c, r in per.items():
             rows.append(f"| {b.removeprefix('max_batch_')} | {c} | {r['answered']}/{r['requests']} | {r['errors']} | "
-                        f"{r['deliberate_429s']} | {r['answers_unlike_single']} | {r['requests_per_second']} "
+                        f"{r['deliberate_429s']} | {r['answers_unlike_single']}/{r['answers_compared']} | {r['requests_per_second']} "
                         f"({', '.join(map(str, r['requests_per_second_by_round']))}) |")
     ratios = result["ratios"]
     rows.append(f"\n--max-batch 8: 8 clients get {ratios['batch8_8_clients_over_1_client']}x the requests/s of 1 "
