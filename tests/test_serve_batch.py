@@ -34,8 +34,18 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return ChatEngine(seechat.load(tiny_model_dir, device="cpu"))
+def model(tiny_model_dir):
+    return seechat.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def engine(model):
+    return ChatEngine(model)
+
+
+def _args(**kwargs) -> ServeArgs:
+    """Without the prefix cache: the requests sent one at a time first would otherwise answer the repeats."""
+    return ServeArgs(served_model_name="tiny", max_batch=8, prefix_cache_mb=0, **kwargs)
 
 
 def _body(case, images, stream=False) -> dict:
@@ -57,26 +67,38 @@ def _answer(client: openai.OpenAI, body: dict) -> tuple:
     return done.choices[0].message.content, done.choices[0].finish_reason, done.usage.completion_tokens
 
 
-def _together(engine: ChatEngine, url: str, bodies: list[dict], sends) -> list:
-    """Send every body at once while the engine is busy, so they wait together; return what `sends` returned."""
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        with engine.lock:
+def _occupy(app, url: str, pool: ThreadPoolExecutor):
+    """Under the engine's lock: send a request that takes the worker and waits on the lock, so the requests sent
+    next wait together and the worker takes them in one draw when the lock is let go."""
+    blocker = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=WAIT,
+                          json={"messages": [{"role": "user", "content": "先占住"}], "max_tokens": 2})
+    _until(lambda: health(url)["in_queue"] == 1 and app.state.scheduler._jobs.empty(), "the worker did not take it")
+    return blocker
+
+
+def _together(app, url: str, bodies: list[dict], sends) -> list:
+    """Send every body at once while the worker is busy, so they run in one draw; return what `sends` returned."""
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        with app.state.scheduler.engine.lock:
+            blocker = _occupy(app, url, pool)
             futures = [pool.submit(sends, body) for body in bodies]
-            _until(lambda: health(url)["in_queue"] == len(bodies), "the requests did not all arrive")
+            _until(lambda: health(url)["in_queue"] == len(bodies) + 1, "the requests did not all arrive")
+        assert blocker.result(WAIT).status_code == 200
         return [f.result(WAIT) for f in futures]
 
 
 def test_eight_concurrent_greedy_requests_equal_the_same_requests_one_at_a_time(engine, red, blue):
     images = {"red": red, "blue": blue}
-    with live(create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))) as url:
+    app = create_app(engine, _args())
+    with live(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=WAIT)
         bodies = [_body(case, images, stream=i % 2 == 1) for i, case in enumerate(CASES)]
         alone = [_answer(client, body) for body in bodies]
         assert health(url)["batched"] == 0  # one at a time: nothing to batch
-        together = _together(engine, url, bodies, lambda body: _answer(client, body))
+        together = _together(app, url, bodies, lambda body: _answer(client, body))
         status = health(url)
     assert together == alone
-    assert status["batched"] >= 7 and status["failed"] == 0 and status["in_queue"] == 0
+    assert status["batched"] == 8 and status["batches"] == 1 and status["failed"] == 0 and status["in_queue"] == 0
 
 
 def test_a_stream_cancelled_in_a_batch_leaves_the_others_alone(tiny_model_dir, red, blue):
@@ -85,16 +107,18 @@ def test_a_stream_cancelled_in_a_batch_leaves_the_others_alone(tiny_model_dir, r
     engine = ChatEngine(model)
     images = {"red": red, "blue": blue}
     bodies = [_body(case, images) for case in CASES[:4]]
-    with live(create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))) as url:
+    app = create_app(engine, _args())
+    with live(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=WAIT)
         alone = [_answer(client, body) for body in bodies]
         long = {"messages": ask("讲一个很长的故事", data_url(png(red))), "max_tokens": 700, "stream": True}
-        with ThreadPoolExecutor(len(bodies)) as pool:
+        with ThreadPoolExecutor(len(bodies) + 1) as pool:
             with engine.lock:
+                blocker = _occupy(app, url, pool)
                 sock = raw_request(url, long)
-                _until(lambda: health(url)["in_queue"] == 1, "the long request did not arrive")
+                _until(lambda: health(url)["in_queue"] == 2, "the long request did not arrive")
                 futures = [pool.submit(_answer, client, body) for body in bodies]
-                _until(lambda: health(url)["in_queue"] == 1 + len(bodies), "the requests did not all arrive")
+                _until(lambda: health(url)["in_queue"] == 2 + len(bodies), "the requests did not all arrive")
             received = b""
             while b'"content":"' not in received.split(b'"role":"assistant"', 1)[-1]:
                 chunk = sock.recv(4096)
@@ -102,25 +126,44 @@ def test_a_stream_cancelled_in_a_batch_leaves_the_others_alone(tiny_model_dir, r
                 received += chunk
             sock.close()  # the long answer's client goes away mid-batch
             together = [f.result(WAIT) for f in futures]
+            assert blocker.result(WAIT).status_code == 200
         _until(lambda: health(url)["in_queue"] == 0, "the vanished client kept its place")
         status = health(url)
     assert together == alone
-    assert status["cancelled"] == 1 and status["failed"] == 0 and status["batched"] >= 2
+    assert status["cancelled"] == 1 and status["failed"] == 0
+    assert status["batches"] == 1 and status["batched"] == 1 + len(bodies)  # the long one was in the batch
+
+
+def test_a_request_the_prefix_cache_holds_runs_alone_and_reuses_it(engine, red, blue):
+    images = {"red": red, "blue": blue}
+    app = create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=WAIT)
+        first = _body(CASES[0], images)
+        before = client.chat.completions.create(**first)  # its KV is in the prefix cache now
+        bodies = [first, *(_body(case, images) for case in CASES[1:4])]
+        got = _together(app, url, bodies, lambda body: client.chat.completions.create(**body))
+        status = health(url)
+    assert got[0].choices[0].message.content == before.choices[0].message.content
+    assert got[0].usage.prompt_tokens_details.cached_tokens >= got[0].usage.prompt_tokens // 2
+    assert status["batched"] == 3 and status["failed"] == 0  # the three fresh questions, without the cached one
 
 
 def test_sampled_requests_with_a_seed_repeat_when_others_run_beside_them(engine, red, blue):
     images = {"red": red, "blue": blue}
     seeded = {**_body(CASES[0], images), "temperature": 1.0, "seed": 7}
-    with live(create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))) as url:
+    app = create_app(engine, _args())
+    with live(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=WAIT)
         alone = _answer(client, seeded)
-        got = _together(engine, url, [seeded, *(_body(case, images) for case in CASES[1:4])],
+        got = _together(app, url, [seeded, *(_body(case, images) for case in CASES[1:4])],
                         lambda body: _answer(client, body))
     assert got[0] == alone
 
 
 def test_bad_settings_still_get_4xx_with_batching(engine):
-    with live(create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))) as url:
+    app = create_app(engine, _args())
+    with live(app) as url:
         for extra in [{"temperature": -1}, {"top_p": 2}, {"max_tokens": 0}, {"top_k": -3}, {"stop": [""]}]:
             response = httpx.post(f"{url}/v1/chat/completions", timeout=WAIT,
                                   json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, **extra})

@@ -13,7 +13,8 @@ generation).
 
 Batching (`max_batch` > 1): when the worker becomes free it takes every waiting job, up to max_batch, and runs
 those that may share a batch (greedy fresh questions: see `batch_key`) as one batched generation
-(`ChatEngine.chat_together`); the others run one at a time after it, in arrival order. A job that arrives
+(`ChatEngine.chat_together`); the others, and those whose prompt the prefix cache holds
+(`ChatEngine.cache_hit`), run one at a time after it, in arrival order. A job that arrives
 while a batch runs waits for the next one (requests are gathered when the worker is free, not joined into a
 running batch). Each batched job streams, stops and cancels on its own, and a job that finished gets its end
 and its slot back at once, while the rest of its batch goes on. max_batch 1 runs every request alone.
@@ -138,7 +139,8 @@ class Scheduler:
 
     def status(self) -> dict:
         with self._lock:
-            running = sum(1 for job in self._held if job.status == "running")
+            # taken by the worker, generating or about to (the rest of its draw, or checked against the prefix cache)
+            running = sum(1 for job in self._held if job.status in ("waiting", "running"))
             return {"in_queue": self._in, "running": running, "max_queue": self.max_queue,
                     "max_batch": self.max_batch, **self.stats}
 
@@ -180,6 +182,8 @@ class Scheduler:
             alone = []
             for job in taken:
                 key = batch_key(job.state, job.settings) if self.max_batch > 1 else None
+                if key is not None and self.engine.cache_hit(job.state, job.settings):
+                    key = None  # the prefix cache holds this prompt: the single-request path reuses it
                 if key is None:
                     alone.append([job])
                 else:
