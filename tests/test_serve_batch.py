@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import seechat
-from seechat.chat.engine import ChatEngine, GenerationSettings
+from seechat.chat.engine import ChatEngine
 from seechat.errors import ConfigError
 from seechat.serve.api import ServeArgs, create_app
 from test_serve_api import WAIT, _until, ask, data_url, health, live, png, raw_request
