@@ -84,12 +84,12 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def _server(model: Path, log: Path, extra: list[str] = ()):
+def _server(model: Path, log: Path, extra: list[str] = (), max_queue: int = MAX_QUEUE):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "seechat", "serve", "--model", str(model), "--port", str(port),
-           "--max-queue", str(MAX_QUEUE), "--max-new-tokens", str(MAX_TOKENS), "--served-model-name", "bench", *extra]
+           "--max-queue", str(max_queue), "--max-new-tokens", str(MAX_TOKENS), "--served-model-name", "bench", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"

@@ -8,8 +8,9 @@
 Routes: POST /v1/chat/completions (OpenAI format, `stream: true` for server-sent events ending with
 `data: [DONE]`), GET /v1/models, GET /health (no key needed). With a key (--api-key-file, SEECHAT_API_KEY or
 --api-key) every other route needs `Authorization: Bearer KEY`. Cross-site requests are refused (guard.py:
-Host, Origin, JSON bodies only). Requests share one loaded model and run one at a time; at most --max-queue
-are in (running or waiting), more get 429 with Retry-After; a request takes its place only once its body has
+Host, Origin, JSON bodies only). Requests share one loaded model; greedy questions that wait together are
+answered in one batch of up to --max-batch (scheduler.py); at most --max-queue are in (running or waiting),
+more get 429 with Retry-After; a request takes its place only once its body has
 been read (within --body-timeout) and parsed. A request the server cannot serve gets an OpenAI-style error
 object with a 4xx status, never a crash.
 """
@@ -72,6 +73,9 @@ class ServeArgs:
         default=None, metadata={"help": "The model name clients send and /v1/models lists (default: --model)."}
     )
     max_queue: int = field(default=16, metadata={"help": "Most requests in at once, running or waiting; more get 429."})
+    max_batch: int = field(
+        default=8, metadata={"help": "Most requests answered together in one batched generation (1: one at a time)."}
+    )
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image accepted, in MB (larger: 413)."})
     max_images: int = field(default=8, metadata={"help": "Most images in one request."})
     image_dir: str | None = field(
@@ -110,6 +114,7 @@ class ServeArgs:
         checks = [
             (0 <= self.port <= 65535, "port must be in 0..65535"),
             (self.max_queue >= 1, "max_queue must be >= 1"),
+            (self.max_batch >= 1, "max_batch must be >= 1"),
             (self.max_image_mb > 0, "max_image_mb must be > 0"),
             (self.max_images >= 0, "max_images must be >= 0"),
             (self.max_decoded_mpixels > 0, "max_decoded_mpixels must be > 0"),
@@ -156,7 +161,7 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     policy.min_side = needed_side(engine.model.processor.image_processor)
     if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
         engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
-    scheduler = Scheduler(engine, args.max_queue)
+    scheduler = Scheduler(engine, args.max_queue, args.max_batch)
     body_limit = body_limit_for(policy)
     created = int(time.time())
 

@@ -8,8 +8,16 @@
 
 A slot counts a request from its admission (before its images are decoded) until the engine is done with
 it. A job cancelled while it waits gives its slot back at once and never runs; one cancelled while it runs
-stops at its next token. Requests run one at a time, in arrival order, while the event loop that
-submitted them stays free (health checks answer during a generation).
+stops at its next token. The event loop that submitted the jobs stays free (health checks answer during a
+generation).
+
+Batching (`max_batch` > 1): when the worker becomes free it takes every waiting job, up to max_batch, and runs
+those that may share a batch (greedy fresh questions: see `batch_key`) as one batched generation
+(`ChatEngine.chat_together`); the others, and those whose prompt the prefix cache holds
+(`ChatEngine.cache_hit`), run one at a time after it, in arrival order. A job that arrives
+while a batch runs waits for the next one (requests are gathered when the worker is free, not joined into a
+running batch). Each batched job streams, stops and cancels on its own, and a job that finished gets its end
+and its slot back at once, while the rest of its batch goes on. max_batch 1 runs every request alone.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings, Reply
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings, Reply, Turn, batch_key
 
 log = logging.getLogger("seechat")
 
@@ -97,16 +105,18 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on one engine, one at a time, with at most `max_queue` requests in (running or waiting)."""
+    """Runs jobs on one engine, up to `max_batch` at once, with at most `max_queue` requests in (running or waiting)."""
 
-    def __init__(self, engine: ChatEngine, max_queue: int = 16):
+    def __init__(self, engine: ChatEngine, max_queue: int = 16, max_batch: int = 1):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
-        self.engine, self.max_queue = engine, max_queue
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "batches": 0, "batched": 0}
         self._lock = threading.Lock()
         self._in = 0
-        self._running: Job | None = None
+        self._held: list[Job] = []  # taken from the queue by the worker, running or about to
         self._seconds = 1.0  # a running average of seconds per request, for Retry-After
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="seechat-engine", daemon=True)
@@ -117,7 +127,8 @@ class Scheduler:
         with self._lock:
             if self._in >= self.max_queue:
                 self.stats["rejected"] += 1
-                raise QueueFull(max(1, min(60, math.ceil(self._seconds * self._in))))
+                per = self._seconds / max(1, min(self.max_batch, self._in))  # a batch answers several at once
+                raise QueueFull(max(1, min(60, math.ceil(per * self._in))))
             self._in += 1
         return Slot(self)
 
@@ -128,15 +139,17 @@ class Scheduler:
 
     def status(self) -> dict:
         with self._lock:
-            return {"in_queue": self._in, "running": int(self._running is not None), "max_queue": self.max_queue,
-                    **self.stats}
+            # taken by the worker, generating or about to (the rest of its draw, or checked against the prefix cache)
+            running = sum(1 for job in self._held if job.status in ("waiting", "running"))
+            return {"in_queue": self._in, "running": running, "max_queue": self.max_queue,
+                    "max_batch": self.max_batch, **self.stats}
 
     def close(self) -> None:
         """Cancel what is running or waiting and stop the worker."""
         with self._lock:
-            running = self._running
-        if running is not None:
-            running.cancelled.set()
+            held = list(self._held)
+        for job in held:
+            job.cancel()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -153,23 +166,84 @@ class Scheduler:
             job = self._jobs.get()
             if job is None:
                 return
+            taken, stop = [job], False
+            while len(taken) < self.max_batch:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                taken.append(more)
             with self._lock:
-                if job.status != "waiting":
-                    continue
-                job.status, self._running = "running", job
-            start, outcome, last = time.perf_counter(), "failed", None
-            try:
-                for piece in self.engine.stream_chat(job.state, job.settings, reply=job.reply, cancel=job.cancelled):
-                    job._send("piece", piece)
-                outcome = "cancelled" if job.reply.finish_reason == "cancelled" else "completed"
-                last = ("done", None)
-            except Exception as exc:  # the request's own problem, or a bug: either way the server goes on
-                last = ("error", exc)
-            finally:
-                seconds = time.perf_counter() - start
-                with self._lock:
-                    job.status, self._running = "done", None
-                    self.stats[outcome] += 1
-                    self._seconds = 0.8 * self._seconds + 0.2 * seconds
-                job.slot.release()  # before the last event, so a client that saw its answer end finds its slot free
-                job._send(*(last or ("error", RuntimeError("generation stopped unexpectedly"))))
+                self._held = taken
+            groups: dict = {}
+            alone = []
+            for job in taken:
+                key = batch_key(job.state, job.settings) if self.max_batch > 1 else None
+                if key is not None and self.engine.cache_hit(job.state, job.settings):
+                    key = None  # the prefix cache holds this prompt: the single-request path reuses it
+                if key is None:
+                    alone.append([job])
+                else:
+                    groups.setdefault(key, []).append(job)
+            for group in [*groups.values(), *alone]:
+                started = self._start(group)
+                if len(started) == 1:
+                    self._run_one(started[0])
+                elif started:
+                    self._run_batch(started)
+            with self._lock:
+                self._held = []
+            if stop:
+                return
+
+    def _start(self, jobs: list[Job]) -> list[Job]:
+        """The jobs not cancelled meanwhile, marked running."""
+        with self._lock:
+            started = [job for job in jobs if job.status == "waiting"]
+            for job in started:
+                job.status = "running"
+        return started
+
+    def _run_one(self, job: Job) -> None:
+        start, last = time.perf_counter(), None
+        try:
+            for piece in self.engine.stream_chat(job.state, job.settings, reply=job.reply, cancel=job.cancelled):
+                job._send("piece", piece)
+        except Exception as exc:  # the request's own problem, or a bug: either way the server goes on
+            last = exc
+        finally:
+            self._end(job, last, time.perf_counter() - start)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        start, ended = time.perf_counter(), set()
+        with self._lock:
+            self.stats["batches"] += 1
+            self.stats["batched"] += len(jobs)
+
+        def finish(i: int, error: Exception | None) -> None:
+            ended.add(i)
+            self._end(jobs[i], error, time.perf_counter() - start)
+
+        turns = [Turn(job.state, job.settings, job.reply, job.cancelled) for job in jobs]
+        try:
+            self.engine.chat_together(turns, lambda i, piece: jobs[i]._send("piece", piece), finish)
+        except Exception as exc:  # a bug: every job still waiting for its end gets the error
+            log.exception("a batch of %d requests failed", len(jobs))
+            for i in range(len(jobs)):
+                if i not in ended:
+                    finish(i, exc)
+        for i in range(len(jobs)):
+            if i not in ended:
+                finish(i, RuntimeError("generation stopped unexpectedly"))
+
+    def _end(self, job: Job, error: Exception | None, seconds: float) -> None:
+        outcome = "failed" if error is not None else "cancelled" if job.reply.finish_reason == "cancelled" else "completed"
+        with self._lock:
+            job.status = "done"
+            self.stats[outcome] += 1
+            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+        job.slot.release()  # before the last event, so a client that saw its answer end finds its slot free
+        job._send(*(("error", error) if error is not None else ("done", None)))
