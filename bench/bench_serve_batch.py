@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import httpx  # noqa: E402
 
-from bench_serve_load import MAX_TOKENS, QUESTIONS, TOYWORLD, _server  # noqa: E402
+from bench_serve_load import MAX_TOKENS, QUESTIONS, _server, server_model  # noqa: E402
 
 ROUNDS = 2
 CLIENTS = {1: 16, 8: 4, 32: 2}  # clients -> requests per client, per round
@@ -44,16 +44,7 @@ MAX_QUEUE = 32
 def run(model_dir: str | os.PathLike | None = None) -> dict:
     model_dir = model_dir or os.environ.get("SEECHAT_BENCH_MODEL")
     with tempfile.TemporaryDirectory() as tmp:
-        if model_dir:
-            model, kind = Path(model_dir), "given"
-        elif (TOYWORLD / "seechat.json").exists():
-            model, kind = TOYWORLD, "toy world"
-        else:
-            from seechat.cli_helpers import quiet_hf
-            from seechat.tiny import build_tiny_model
-
-            quiet_hf()
-            model, kind = build_tiny_model(Path(tmp) / "tiny"), "tiny random (runs/toyworld/model is absent)"
+        model, kind = server_model(model_dir, Path(tmp))
         servers = {}
         with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8"], MAX_QUEUE) as (url8, _), \
                 _server(model, Path(tmp) / "b1.log", ["--max-batch", "1"], MAX_QUEUE) as (url1, _):

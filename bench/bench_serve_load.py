@@ -43,19 +43,23 @@ MAX_QUEUE = 16
 QUESTIONS = ["这是什么颜色？", "详细描述这张图片", "它在图片的哪个位置？", "图中有几个物体？"]
 
 
+def server_model(model_dir, tmp: Path) -> tuple[Path, str]:
+    """The model the serving benchmarks load: the one given, else the built toy world, else a tiny random one."""
+    if model_dir:
+        return Path(model_dir), "given"
+    if (TOYWORLD / "seechat.json").exists():
+        return TOYWORLD, "toy world"
+    from seechat.cli_helpers import quiet_hf
+    from seechat.tiny import build_tiny_model
+
+    quiet_hf()
+    return build_tiny_model(tmp / "tiny"), "tiny random (runs/toyworld/model is absent)"
+
+
 def run(model_dir: str | os.PathLike | None = None) -> dict:
     model_dir = model_dir or os.environ.get("SEECHAT_BENCH_MODEL")
     with tempfile.TemporaryDirectory() as tmp:
-        if model_dir:
-            model, kind = Path(model_dir), "given"
-        elif (TOYWORLD / "seechat.json").exists():
-            model, kind = TOYWORLD, "toy world"
-        else:
-            from seechat.cli_helpers import quiet_hf
-            from seechat.tiny import build_tiny_model
-
-            quiet_hf()
-            model, kind = build_tiny_model(Path(tmp) / "tiny"), "tiny random (runs/toyworld/model is absent)"
+        model, kind = server_model(model_dir, Path(tmp))
         with _server(model, Path(tmp) / "server.log") as (url, pid):
             load_before = os.getloadavg()
             rss = {"started": _rss_mb(pid)}

@@ -26,23 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import httpx  # noqa: E402
-from bench_serve_load import TOYWORLD, _rss_mb, _server  # noqa: E402
+from bench_serve_load import _rss_mb, _server, server_model  # noqa: E402
 
 REQUESTS, IMAGES, SIDE = 4, 8, 7000
 
 
 def run(model_dir: str | os.PathLike | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        if model_dir:
-            model, kind = Path(model_dir), "given"
-        elif (TOYWORLD / "seechat.json").exists():
-            model, kind = TOYWORLD, "toy world"
-        else:
-            from seechat.cli_helpers import quiet_hf
-            from seechat.tiny import build_tiny_model
-
-            quiet_hf()
-            model, kind = build_tiny_model(Path(tmp) / "tiny"), "tiny random (runs/toyworld/model is absent)"
+        model, kind = server_model(model_dir, Path(tmp))
         url_image = "data:image/png;base64," + base64.b64encode(_flat_png(SIDE, SIDE)).decode()
         body = {"max_tokens": 4, "messages": [{"role": "user", "content": [
             *({"type": "image_url", "image_url": {"url": url_image}} for _ in range(IMAGES)),
