@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -45,6 +46,21 @@ def parse(prog: str, argv: list[str], *groups, description: str | None = None):
         raise
     except ValueError as exc:  # a dataclass __post_init__ check
         raise SeeChatError(str(exc)) from exc
+
+
+def run_subcommand(table: dict[str, tuple[str, str]], argv: list[str], *, command: str, noun: str) -> int:
+    """`seechat COMMAND NAME ...`: run table[NAME]'s "module:function" on the rest of argv; no name or --help
+    prints the table (exit 2 when nothing was given); an unknown name is an error listing the valid ones."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(len(n) for n in table)
+        rows = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in table.items())
+        print(f"usage: seechat {command} {noun.upper()} [options]   (seechat {command} {noun.upper()} --help for its "
+              f"options)\n\n{noun}s:\n{rows}")
+        return 0 if argv else 2
+    if argv[0] not in table:
+        raise SeeChatError(f"unknown {noun} {argv[0]!r}: choose one of {', '.join(table)}")
+    module, func = table[argv[0]][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
 
 def quiet_hf() -> None:

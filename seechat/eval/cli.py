@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import SeeChatError
+from ..cli_helpers import run_subcommand
 
 # name -> (module:function, one-line summary)
 SUBCOMMANDS = {
@@ -23,18 +21,4 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0 if argv else 2
-    name = argv[0]
-    if name not in SUBCOMMANDS:
-        raise SeeChatError(f"unknown evaluation {name!r}: choose one of {', '.join(SUBCOMMANDS)}")
-    module, func = SUBCOMMANDS[name][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-
-
-def usage() -> str:
-    width = max(len(n) for n in SUBCOMMANDS)
-    rows = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in SUBCOMMANDS.items())
-    return (f"usage: seechat eval EVALUATION [options]   (seechat eval EVALUATION --help for its options)\n\n"
-            f"evaluations:\n{rows}")
+    return run_subcommand(SUBCOMMANDS, argv, command="eval", noun="evaluation")
