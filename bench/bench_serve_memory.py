@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import base64
 import os
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import httpx  # noqa: E402
 from bench_serve_load import _rss_mb, _server, server_model  # noqa: E402
+from seechat.tiny import flat_png  # noqa: E402
 
 REQUESTS, IMAGES, SIDE = 4, 8, 7000
 
@@ -34,7 +33,7 @@ REQUESTS, IMAGES, SIDE = 4, 8, 7000
 def run(model_dir: str | os.PathLike | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, kind = server_model(model_dir, Path(tmp))
-        url_image = "data:image/png;base64," + base64.b64encode(_flat_png(SIDE, SIDE)).decode()
+        url_image = "data:image/png;base64," + base64.b64encode(flat_png(SIDE, SIDE)).decode()
         body = {"max_tokens": 4, "messages": [{"role": "user", "content": [
             *({"type": "image_url", "image_url": {"url": url_image}} for _ in range(IMAGES)),
             {"type": "text", "text": "这是什么颜色？"}]}]}
@@ -68,14 +67,6 @@ def _burst(url: str, body: dict) -> tuple[list[int], float]:
     return statuses, time.perf_counter() - start
 
 
-def _flat_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer, row = zlib.compressobj(1), b"\0" + bytes((200, 40, 40)) * width
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def summary(result: dict) -> str:

@@ -7,6 +7,8 @@ image processor) that the ordinary from_pretrained path loads, exactly as it loa
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -192,3 +194,15 @@ if __name__ == "__main__":  # python -m seechat.tiny OUT: a tiny random model to
     model_dir = build_tiny_model(target)
     sample_image().save(target / "sample.png")
     print(model_dir)
+
+
+def flat_png(width: int, height: int, color=(200, 40, 40)) -> bytes:
+    """A width x height RGB PNG of one colour: well under a megabyte on disk, width*height*4 bytes once decoded.
+    Written row by row here (not through PIL) so that making a 7000x7000 picture costs no 150 MB image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(1), b"\0" + bytes(color) * width
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

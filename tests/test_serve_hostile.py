@@ -12,10 +12,8 @@ import http.server
 import json
 import os
 import socket
-import struct
 import threading
 import time
-import zlib
 
 import httpx
 import openai
@@ -26,6 +24,7 @@ import seechat
 from seechat.chat.engine import ChatEngine, GenerationSettings
 from seechat.serve.api import ServeArgs, create_app
 from seechat.serve.guard import CrossSiteGuard
+from seechat.tiny import flat_png
 
 QUESTION = "这是什么颜色？"
 
@@ -136,15 +135,6 @@ def test_slow_uploads_hold_no_queue_place_and_time_out(engine, red):
 
 
 # -- 4. decoded pixels ---------------------------------------------------------------------------------------
-def _flat_png(width: int, height: int) -> bytes:
-    """A width x height RGB PNG of one colour: under a megabyte on disk, width*height*4 bytes decoded in PIL."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer, row = zlib.compressobj(1), b"\0" + bytes((200, 40, 40)) * width
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _peak_kb() -> int:
@@ -163,7 +153,7 @@ def test_huge_images_stay_under_the_decoded_pixel_budget_and_memory_stays_bounde
     request) refuses each at its third image before decoding it, at most ~2 full-size images decode at once
     process-wide, and each decoded one is shrunk at once. Peak RSS of this process (server included) grows by
     well under 1 GB; decoding them all at full size, as before, would take 6 GB."""
-    url_image = data_url(_flat_png(7000, 7000))
+    url_image = data_url(flat_png(7000, 7000))
     body = {"messages": ask(QUESTION, *[url_image] * 8), "max_tokens": 2}
     with serve(engine, max_images=8) as url:
         before = _rss_kb()
@@ -202,7 +192,7 @@ def test_big_images_are_decoded_toward_the_vision_size():
     small = load_image(photo.getvalue(), min_side=224, budget=budget)
     assert small.mode == "RGB" and small.size == (500, 375)  # JPEG draft: decoded at 1/8, never at 12 MP
     assert budget.left == 2_000_000 - 500 * 375
-    flat = load_image(_flat_png(3000, 1000), min_side=64)
+    flat = load_image(flat_png(3000, 1000), min_side=64)
     assert flat.size == (384, 128) and flat.getpixel((10, 10)) == (200, 40, 40)  # aspect kept, short side 2x64
     palette = io.BytesIO()
     Image.new("P", (1000, 1000), 3).save(palette, "PNG")
