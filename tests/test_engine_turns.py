@@ -98,16 +98,22 @@ def test_a_cancelled_abandoned_or_failed_turn_leaves_conversation_and_cache_as_b
     list(pieces)
     _same(conv, snap)
 
-    real = model.llm.generate
+    from seechat.chat.decode import Batch
 
-    def broken(*args, **kwargs):  # fails after the prefill has extended the (forked) cache
-        raise RuntimeError("out of memory")
+    real = Batch.step
+    steps = []
 
-    monkeypatch.setattr(model.llm, "generate", broken)
+    def broken(self):  # fails at the third decoding step, after the prefill and two steps extended the cache
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(Batch, "step", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         conv.ask("失败的问题", max_new_tokens=5)
     _same(conv, snap)
-    monkeypatch.setattr(model.llm, "generate", real)
+    monkeypatch.setattr(Batch, "step", real)
 
     # the next turn equals the same turn in a fresh conversation, and still reuses the first turn's cache
     conv.ask("第三个问题", max_new_tokens=8)

@@ -1,9 +1,10 @@
-"""`seechat serve --max-batch`: concurrent greedy requests answered in one batch give the single-request answers.
+"""`seechat serve --max-batch`: concurrent requests decoded in one batch give the single-request answers.
 
 The official openai client sends the requests from threads against a live server (uvicorn on a thread). The
-engine's lock is held while they arrive, so they wait together and the worker gathers them into a batch;
-the server's /health counters say how many requests ran batched, so a test cannot pass by running them one
-at a time.
+engine's lock is held while they arrive, so they wait together and join the worker's batch at once (with the
+request that holds the worker); the server's /health counters say how many requests decoded beside another, so
+a test cannot pass by running them one at a time. Another test sends a request while a long answer is being
+made: it joins the running batch and ends first (continuous batching).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def test_eight_concurrent_greedy_requests_equal_the_same_requests_one_at_a_time(
         together = _together(app, url, bodies, lambda body: _answer(client, body))
         status = health(url)
     assert together == alone
-    assert status["batched"] == 8 and status["batches"] == 1 and status["failed"] == 0 and status["in_queue"] == 0
+    # the eight and the request that held the worker, in one batch
+    assert status["batched"] == 9 and status["batches"] == 1 and status["failed"] == 0 and status["in_queue"] == 0
 
 
 def test_a_stream_cancelled_in_a_batch_leaves_the_others_alone(tiny_model_dir, red, blue):
@@ -131,10 +133,10 @@ def test_a_stream_cancelled_in_a_batch_leaves_the_others_alone(tiny_model_dir, r
         status = health(url)
     assert together == alone
     assert status["cancelled"] == 1 and status["failed"] == 0
-    assert status["batches"] == 1 and status["batched"] == 1 + len(bodies)  # the long one was in the batch
+    assert status["batches"] == 1 and status["batched"] == 2 + len(bodies)  # the long one was in the batch
 
 
-def test_a_request_the_prefix_cache_holds_runs_alone_and_reuses_it(engine, red, blue):
+def test_a_request_the_prefix_cache_holds_reuses_it_inside_the_batch(engine, red, blue):
     images = {"red": red, "blue": blue}
     app = create_app(engine, ServeArgs(served_model_name="tiny", max_batch=8))
     with live(app) as url:
@@ -146,7 +148,7 @@ def test_a_request_the_prefix_cache_holds_runs_alone_and_reuses_it(engine, red, 
         status = health(url)
     assert got[0].choices[0].message.content == before.choices[0].message.content
     assert got[0].usage.prompt_tokens_details.cached_tokens >= got[0].usage.prompt_tokens // 2
-    assert status["batched"] == 3 and status["failed"] == 0  # the three fresh questions, without the cached one
+    assert status["batched"] == 5 and status["failed"] == 0  # the cached one decoded beside the others
 
 
 def test_sampled_requests_with_a_seed_repeat_when_others_run_beside_them(engine, red, blue):
@@ -159,6 +161,27 @@ def test_sampled_requests_with_a_seed_repeat_when_others_run_beside_them(engine,
         got = _together(app, url, [seeded, *(_body(case, images) for case in CASES[1:4])],
                         lambda body: _answer(client, body))
     assert got[0] == alone
+
+
+def test_a_request_joins_a_running_batch_and_leaves_it_first(tiny_model_dir, red):
+    model = seechat.load(tiny_model_dir, device="cpu")
+    model.stop_token_ids = []  # no end token: each answer runs to its max_tokens
+    app = create_app(ChatEngine(model), _args())
+    short = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 5}
+    with live(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=WAIT)
+        alone = client.chat.completions.create(**short).choices[0].message.content
+        stream = client.chat.completions.create(model="tiny", messages=ask("讲一个很长的故事", data_url(png(red))),
+                                                max_tokens=400, stream=True)
+        chunks = iter(stream)
+        while not next(chunks).choices[0].delta.content:  # the long answer is being made
+            pass
+        joined = client.chat.completions.create(**short)  # answered while the long one goes on
+        mid = health(url)
+        rest = [c for c in chunks]
+    assert joined.choices[0].message.content == alone and joined.usage.completion_tokens == 5
+    assert mid["running"] == 1 and mid["batches"] == 1 and mid["batched"] == 2  # it decoded beside the long one
+    assert rest[-1].choices[0].finish_reason == "length"
 
 
 def test_bad_settings_still_get_4xx_with_batching(engine):

@@ -27,7 +27,8 @@ from ..data.images import load_image
 from ..data.processor import IMAGE, content
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .engine import GenerationSettings, Reply, _find_stop, generation_config, image_digest
+from .decode import find_stop
+from .engine import GenerationSettings, Reply, generation_config, image_digest
 
 
 def generate_batch(
@@ -145,7 +146,7 @@ def _reply(tokens: list[int], prompt_len: int, stop_ids: list[int], pad: int, to
         while kept and kept[-1] == pad:
             kept = kept[:-1]
     text = tok.decode(kept, skip_special_tokens=True)
-    cut = _find_stop(text, stop)
+    cut = find_stop(text, stop)
     if cut is not None:
         text, finish = text[:cut], "stop"
     else:

@@ -2,7 +2,8 @@
 
 The engine knows nothing about terminals or HTTP. It renders a conversation with the model's chat
 template, encodes each image once per conversation, keeps the KV cache between turns so a turn
-prefills only its new text, and streams the answer with stock `generate`.
+prefills only its new text, and streams the answer from the decode loop in decode.py (the one `seechat serve`
+runs several answers through at once).
 
     engine = ChatEngine(seechat.load("runs/toyworld/model"))
     conv = engine.conversation()
@@ -23,7 +24,6 @@ question; if the current question with its image still does not fit, ContextOver
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 import time
@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, GenerationConfig
 
 from ..data.images import load_image
 from ..data.processor import IMAGE, IMAGE_MARKER, check_messages, content
 from ..errors import ConfigError, ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
+from .decode import Batch, Row, fork_cache
 
 
 @dataclass
@@ -147,115 +148,62 @@ class ChatEngine:
         When the turn completes, `state` holds what was kept (see the context rule) plus the answer, and the KV
         cache for the next turn; `reply` is filled in. A turn that fails, is cancelled or is abandoned by its
         consumer leaves `state` exactly as it was: the turn works on a fork of the cache (the layers' tensors are
-        shared, never written in place) and stores its results back only on success.
+        shared, never written in place) and stores its results back only on success. Decoding runs on the
+        caller's thread, one step per piece of text (see decode.py); `seechat serve` runs the same rows together.
+        """
+        pieces: list[str] = []
+        with self.lock:
+            batch = Batch(self.model)
+            batch.add(self.begin(state, settings, reply=reply, cancel=cancel, on_piece=pieces.append))
+            while batch.rows:
+                batch.step()
+                if pieces:
+                    yield "".join(pieces)
+                    pieces.clear()
+
+    def begin(
+        self,
+        state: "ChatState",
+        settings: GenerationSettings | None = None,
+        *,
+        reply: Reply | None = None,
+        cancel: threading.Event | None = None,
+        on_piece=lambda text: None,
+        on_finish=lambda row: None,
+    ) -> Row:
+        """The turn in `state` as a Row ready to join a decode Batch: the context rule applied, the KV cache of
+        the conversation or the prefix cache reused as far as its keys agree, the rest prefilled. Call it, and
+        step the batch, under `self.lock`. When the row finishes (not cancelled), `state` gets the kept messages,
+        the answer and the KV cache, and the prefix cache gets the KV; then `on_finish(row)` is called.
         """
         settings = settings or GenerationSettings()
         reply = reply if reply is not None else Reply()
-        cancel = cancel or threading.Event()
         start = time.perf_counter()
-        with self.lock:
-            ids, max_new, messages, images = self._fit(state, settings, reply)
-            keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens, [e.digest for e in images])
-            source = state.kv
-            if self.prefix_cache is not None:
-                found = self.prefix_cache.lookup(keys)
-                if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
-                    source = found
-            cache, cached = self._prefill(ids, keys, images, source)
-            reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
-            kv = _KV()
-            yield from self._generate(ids, keys, cache, settings, max_new, reply, cancel, kv)
-            if reply.finish_reason == "cancelled":
-                reply.seconds = time.perf_counter() - start
-                return
-            if self.prefix_cache is not None:
-                self.prefix_cache.store(kv)
-            state.messages[:] = [*messages, {"role": "assistant", "content": reply.text}]
-            state.images[:] = images
-            state.kv = kv
-        reply.seconds = time.perf_counter() - start
+        ids, max_new, messages, images = self._fit(state, settings, reply)
+        keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens, [e.digest for e in images])
+        source = state.kv
+        if self.prefix_cache is not None:
+            found = self.prefix_cache.lookup(keys)
+            if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
+                source = found
+        cache, cached = self._prefill(ids, keys, images, source)
+        reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
 
-    def chat_together(self, turns: list["Turn"], on_piece, on_finish) -> None:
-        """Answer several conversations in one batch (what `seechat serve --max-batch` runs).
+        def finished(row: Row, kv_cache: DynamicCache | None) -> None:
+            reply.seconds = time.perf_counter() - start
+            if reply.finish_reason != "cancelled":
+                kv = _KV()
+                if kv_cache is not None:
+                    kv = _KV(kv_cache, (keys + row.tokens)[: kv_cache.get_seq_length()])
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.store(kv)
+                state.messages[:] = [*messages, {"role": "assistant", "content": reply.text}]
+                state.images[:] = images
+                state.kv = kv
+            on_finish(row)
 
-        Each turn keeps its own max_new_tokens, stop strings and cancellation; the sampling settings
-        (temperature, top_p, top_k, repetition_penalty) must be the same for all (greedy for the server's
-        batches: see `batch_key`). `on_piece(i, text)` gets turn i's text as it is made and `on_finish(i, error)`
-        is called exactly once per turn, as soon as that turn is done (error None) or failed; a finished row no
-        longer streams or counts, though it stays in the batch's tensors until the batch ends. Rows are padded on
-        the left with the attention mask and position ids following it, so greedy tokens equal those of
-        `stream_chat` one by one (as in `generate_batch`). Batched turns neither read nor feed the prefix cache,
-        and a turn's state gets its messages back with the answer but no KV cache.
-        """
-        model, tok = self.model, self.model.tokenizer
-        with self.lock:
-            fitted = []
-            for i, turn in enumerate(turns):
-                try:
-                    fitted.append((i, turn, *self._fit(turn.state, turn.settings, turn.reply)))
-                except Exception as exc:  # this request's own problem: the others go on
-                    on_finish(i, exc)
-            # the batch's images go through the vision expert together, each distinct image once
-            entries = [e for *_, images in fitted for e in images if e.embeds is None]
-            distinct = list({e.digest: e for e in entries}.values())
-            try:
-                self._image_embeds(distinct)
-            except Exception:  # one bad image: encode row by row below, so only its request fails
-                pass
-            for e in entries:
-                e.embeds = next((d.embeds for d in distinct if d.digest == e.digest), None)
-            rows = []
-            for i, turn, ids, max_new, messages, images in fitted:
-                try:
-                    embeds = self._image_embeds(images)
-                except Exception as exc:
-                    on_finish(i, exc)
-                    continue
-                turn.reply.prompt_tokens = turn.reply.prefill_tokens = len(ids)
-                rows.append(_Row(i, turn, ids, max_new, messages, images, embeds, time.perf_counter()))
-            if not rows:
-                return
-            pad = self._safe_id if self._safe_id != model.image_token_id else tok.eos_token_id
-            width = max(len(r.ids) for r in rows)
-            ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=model.device)
-            mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=model.device)
-            present = [r.embeds for r in rows if r.embeds is not None]
-            rows_done = _Rows(rows, tok, model.stop_token_ids, on_piece, on_finish)
-            settings = rows[0].turn.settings
-            config = generation_config(model, settings, max(r.max_new for r in rows), pad)
-            config.stop_strings = None  # each row's stop strings are matched by _Rows
-            try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                with torch.no_grad():
-                    embeds = model.embed(ids, torch.cat(present) if present else None)
-                    model.llm.generate(
-                        input_ids=ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-                        stopping_criteria=StoppingCriteriaList([rows_done]),
-                    )
-            except Exception as exc:
-                rows_done.fail(exc)
-                return
-            rows_done.fail(RuntimeError("generation stopped before this answer ended"))  # none left, normally
-
-    def cache_hit(self, state: "ChatState", settings: GenerationSettings) -> bool:
-        """Whether the prefix cache holds this turn's prompt through its last image and for at least half its
-        tokens: such a turn is cheaper on `stream_chat` (which reuses that KV) than in a batch (which does not)."""
-        if self.prefix_cache is None or not self.prefix_cache.entries:
-            return False
-        try:
-            with self.lock:
-                ids, _, _, images = self._fit(state, settings, Reply())
-                keys = prefix_keys(ids, self.model.image_token_id, self.model.num_image_tokens,
-                                   [e.digest for e in images])
-                found = self.prefix_cache.lookup(keys)
-        except Exception:  # the turn fails wherever it runs, with its own error
-            return False
-        if found is None:
-            return False
-        cached = _common_prefix(found.keys, keys)
-        last_image = max((i for i, t in enumerate(ids) if t == self.model.image_token_id), default=-1)
-        return cached > last_image and 2 * cached >= len(ids)
+        return Row(ids, cache, settings, max_new, reply, cancel or threading.Event(), on_piece, finished,
+                   keep_cache=self.reuse_cache)
 
     def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
@@ -339,178 +287,6 @@ class ChatEngine:
                 # logits for the last position only: the prompt's full logits would be len x vocabulary floats
                 self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
         return cache, reused
-
-    def _generate(self, ids, keys, cache, settings, max_new, reply, cancel, kv) -> Iterator[str]:
-        model, tok = self.model, self.model.tokenizer
-        input_ids = torch.tensor([ids], device=model.device)
-        config = generation_config(model, settings, max_new, self._safe_id)
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        result: dict = {}
-
-        def work():
-            try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                with torch.no_grad():
-                    result["out"] = model.llm.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        cache=cache,
-                        generation_config=config,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
-                        tokenizer=tok,  # for the stop strings (transformers matches them incrementally)
-                    )
-            except BaseException as exc:  # re-raised in the caller's thread below
-                result["error"] = exc
-                streamer.on_finalized_text("", stream_end=True)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        text, sent = "", 0
-        hold = max((len(s) for s in settings.stop), default=1) - 1
-        finished = False
-        try:
-            for piece in streamer:
-                text += piece
-                cut = _find_stop(text, settings.stop)
-                safe = cut if cut is not None else len(text) - hold
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-            finished = True
-        finally:
-            if not finished:  # the consumer went away: stop generating and free the model
-                cancel.set()
-            thread.join()
-        if "error" in result:
-            raise result["error"]
-        out = result["out"]
-        new = out[0, len(ids):].tolist()
-        cut = _find_stop(text, settings.stop)
-        final = text[:cut] if cut is not None else text
-        if len(final) > sent:
-            yield final[sent:]
-        reply.text = final
-        reply.token_ids = new
-        reply.completion_tokens = len(new)
-        if cancel.is_set() and cut is None:
-            reply.finish_reason = "cancelled"
-        elif cut is not None or (new and new[-1] in model.stop_token_ids):
-            reply.finish_reason = "stop"
-        else:
-            reply.finish_reason = "length"
-        kv.cache = cache
-        kv.keys = (keys + new)[: cache.get_seq_length()]
-
-
-@dataclass
-class Turn:
-    """One request in a batch: its conversation, settings, the Reply to fill in and its cancel flag."""
-
-    state: "ChatState"
-    settings: GenerationSettings
-    reply: Reply = field(default_factory=Reply)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
-def batch_key(state: "ChatState", settings: GenerationSettings):
-    """Which requests may share a batch (equal keys), or None for one that runs alone.
-
-    Greedy fresh questions batch. Sampled ones run alone, so a seeded request gives the same answer however busy
-    the server is (one random stream per batch would tie a row's draws to its neighbours), and so do
-    repetition_penalty != 1 (the left padding would count as earlier tokens) and conversations that carry an
-    earlier answer (the prefix cache serves those on the single-request path).
-    """
-    if settings.temperature > 0 or settings.repetition_penalty != 1.0:
-        return None
-    if any(m["role"] == "assistant" for m in state.messages):
-        return None
-    return "greedy"
-
-
-@dataclass
-class _Row:
-    index: int
-    turn: Turn
-    ids: list[int]
-    max_new: int
-    messages: list[dict]
-    images: list
-    embeds: torch.Tensor | None
-    start: float
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    """The text decoded up to the last committed line (see _Rows.step)."""
-    line_start: int = 0
-    sent: int = 0
-    done: bool = False
-
-
-class _Rows(StoppingCriteria):
-    """Per-row bookkeeping of a batch, called by `generate` after every step with the newest token in each row.
-
-    It streams each row's new text (decoding only the row's current line, as transformers' TextStreamer does),
-    matches the row's stop strings, counts its max_new_tokens, watches its cancel flag, and reports the row
-    finished at once; `generate` then pads that row and stops when every row is done.
-    """
-
-    def __init__(self, rows: list[_Row], tok, stop_ids: list[int], on_piece, on_finish):
-        self.rows, self.tok, self.stop_ids = rows, tok, set(stop_ids)
-        self.on_piece, self.on_finish = on_piece, on_finish
-
-    def __call__(self, input_ids, scores, **kwargs):
-        last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last):
-            if not row.done:
-                self.step(row, token)
-        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
-
-    def step(self, row: _Row, token: int) -> None:
-        settings, reply = row.turn.settings, row.turn.reply
-        if row.turn.cancel.is_set():
-            reply.finish_reason = "cancelled"
-            return self.finish(row)
-        row.tokens.append(token)
-        line = self.tok.decode(row.tokens[row.line_start:], skip_special_tokens=True)
-        text = row.text + line
-        if line.endswith("\n"):
-            row.text, row.line_start = text, len(row.tokens)
-        cut = _find_stop(text, settings.stop)
-        if cut is not None:
-            return self.finish(row, text[:cut], "stop")
-        if token in self.stop_ids:
-            return self.finish(row, text, "stop")
-        if len(row.tokens) >= row.max_new:
-            return self.finish(row, text, "length")
-        hold = max((len(s) for s in settings.stop), default=1) - 1
-        safe = len(text) - hold
-        while safe > row.sent and text[safe - 1] == "\ufffd":  # half a character: wait for the rest
-            safe -= 1
-        if safe > row.sent:
-            self.on_piece(row.index, text[row.sent:safe])
-            row.sent = safe
-
-    def finish(self, row: _Row, text: str | None = None, reason: str | None = None) -> None:
-        row.done = True
-        reply = row.turn.reply
-        reply.token_ids, reply.completion_tokens = list(row.tokens), len(row.tokens)
-        reply.seconds = time.perf_counter() - row.start
-        if reason is not None:
-            reply.text, reply.finish_reason = text, reason
-            if len(text) > row.sent:
-                self.on_piece(row.index, text[row.sent:])
-            state = row.turn.state
-            state.messages[:] = [*row.messages, {"role": "assistant", "content": text}]
-            state.images[:] = row.images
-            state.kv = _KV()
-        self.on_finish(row.index, None)
-
-    def fail(self, exc: Exception) -> None:
-        for row in self.rows:
-            if not row.done:
-                row.done = True
-                self.on_finish(row.index, exc)
 
 
 class PrefixCache:
@@ -626,16 +402,6 @@ def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int
     )
 
 
-class _Cancel(StoppingCriteria):
-    """Stops generation when the consumer went away (or the server cancelled the request)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def image_digest(image: Image.Image) -> str:
     """A hash of an image's content (mode, size and pixels): equal images share KV cache positions, others never."""
     h = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
@@ -657,22 +423,6 @@ def prefix_keys(ids: list[int], image_token_id: int, per_image: int, digests: li
             keys[i] = (digests[image] if image < len(digests) else None, seen % per_image)
             seen += 1
     return keys
-
-
-def fork_cache(cache: DynamicCache) -> DynamicCache:
-    """A cache that starts as `cache` and can be cropped and extended without changing it.
-
-    DynamicCache layers replace their tensors on every update and crop (torch.cat, slicing), never write into
-    them, so copying the layer objects shares the tensors without copying them.
-    """
-    forked = copy.copy(cache)
-    forked.layers = [copy.copy(layer) for layer in cache.layers]
-    return forked
-
-
-def _find_stop(text: str, stop: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

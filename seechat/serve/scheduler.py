@@ -1,23 +1,25 @@
-"""One worker thread runs the engine; requests wait for it in a bounded queue.
+"""One worker thread runs the engine; requests wait for it in a bounded queue and decode together.
 
-    scheduler = Scheduler(engine, max_queue=16)
+    scheduler = Scheduler(engine, max_queue=16, max_batch=8)
     slot = scheduler.admit()                 # QueueFull when 16 requests are already in (429 + Retry-After)
     job = scheduler.submit(slot, state, settings)   # the job owns the slot from here on
     async for piece in job.pieces(): ...     # job.reply holds the usage and finish reason afterwards
     job.cancel()                             # the client went away: stop generating, give the slot back
+
+    for piece in scheduler.stream(state, settings):   # the same from a thread without an event loop (web page)
+        ...
 
 A slot counts a request from its admission (before its images are decoded) until the engine is done with
 it. A job cancelled while it waits gives its slot back at once and never runs; one cancelled while it runs
 stops at its next token. The event loop that submitted the jobs stays free (health checks answer during a
 generation).
 
-Batching (`max_batch` > 1): when the worker becomes free it takes every waiting job, up to max_batch, and runs
-those that may share a batch (greedy fresh questions: see `batch_key`) as one batched generation
-(`ChatEngine.chat_together`); the others, and those whose prompt the prefix cache holds
-(`ChatEngine.cache_hit`), run one at a time after it, in arrival order. A job that arrives
-while a batch runs waits for the next one (requests are gathered when the worker is free, not joined into a
-running batch). Each batched job streams, stops and cancels on its own, and a job that finished gets its end
-and its slot back at once, while the rest of its batch goes on. max_batch 1 runs every request alone.
+Continuous batching: the worker keeps one decode Batch (chat/decode.py) of up to max_batch answers. Between two
+decoding steps it takes every waiting job there is room for, prefills it (reusing the prefix cache as far as it
+holds the prompt) and lets it join; an answer that is done leaves at once, and its client gets its end and its
+slot back. Each answer keeps its own sampling settings, seed, stop strings, token limit, stream and cancellation,
+and greedy answers are those of the same request alone. max_batch 1 answers one request at a time. A newcomer's
+prefill holds up the others' next token (no chunked prefill).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings, Reply, Turn, batch_key
+from ..chat.decode import Batch
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings, Reply
 
 log = logging.getLogger("seechat")
 
@@ -58,16 +61,22 @@ class Slot:
 
 
 class Job:
-    """One request's turn on the engine, and the events it sends back to the event loop."""
+    """One request's turn on the engine, and the events it sends back to the event loop (or, with loop=None, to
+    a plain queue that a thread reads: Scheduler.stream)."""
 
-    def __init__(self, scheduler: "Scheduler", slot: Slot, state: ChatState, settings: GenerationSettings):
+    def __init__(self, scheduler: "Scheduler", slot: Slot, state: ChatState, settings: GenerationSettings,
+                 reply: Reply | None = None, loop="running"):
         self.state, self.settings, self.slot = state, settings, slot
-        self.reply = Reply()
+        self.reply = reply if reply is not None else Reply()
         self.cancelled = threading.Event()
         self.status = "waiting"  # -> running -> done, or waiting -> abandoned
+        self.started = time.perf_counter()
+        self.batched = False
+        """Whether it decoded beside another answer (the stats' `batched`)."""
         self._scheduler = scheduler
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop() if loop == "running" else loop
         self._events: asyncio.Queue = asyncio.Queue()
+        self._sync: queue.Queue = queue.Queue()
 
     def cancel(self) -> None:
         """Stop this job: a waiting one never runs, a running one stops at its next token."""
@@ -98,6 +107,9 @@ class Job:
         return self.reply
 
     def _send(self, kind: str, value) -> None:
+        if self._loop is None:
+            self._sync.put((kind, value))
+            return
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shutting down): nobody listens any more
@@ -118,6 +130,7 @@ class Scheduler:
         self._in = 0
         self._held: list[Job] = []  # taken from the queue by the worker, running or about to
         self._seconds = 1.0  # a running average of seconds per request, for Retry-After
+        self._together = False  # whether the last step decoded two or more answers
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="seechat-engine", daemon=True)
         self._thread.start()
@@ -160,90 +173,103 @@ class Scheduler:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
+    def stream(self, state: ChatState, settings: GenerationSettings, reply: Reply | None = None):
+        """Admit and run one turn from a thread without an event loop (the web page): yields its text pieces.
+        Raises QueueFull when the queue is full, and what the engine raised; closing the generator cancels it."""
+        slot = self.admit()
+        job = Job(self, slot, state, settings, reply=reply, loop=None)
+        self._jobs.put(job)
+        done = False
+        try:
+            while True:
+                kind, value = job._sync.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "error":
+                    done = True
+                    raise value
+                else:
+                    done = True
+                    return
+        finally:
+            if not done:
+                job.cancel()
+
     # -- the worker thread ------------------------------------------------------------------------------
     def _work(self) -> None:
+        batch, stopping = Batch(self.engine.model, self.max_batch), False
+        jobs: dict[int, Job] = {}  # id(row) -> its job
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            taken, stop = [job], False
-            while len(taken) < self.max_batch:
+            taken = []
+            if not batch.rows:
+                if stopping:
+                    return
+                job = self._jobs.get()  # idle: wait for work
+                if job is None:
+                    return
+                taken.append(job)
+            with self.engine.lock:
+                while len(taken) < batch.room:  # everything waiting that fits joins before the next step
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    taken.append(more)
+                for job in taken:
+                    self._join(batch, job, jobs)
+                if not batch.rows:
+                    continue
+                self._count_batched([jobs[id(r)] for r in batch.rows])
                 try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                taken.append(more)
-            with self._lock:
-                self._held = taken
-            groups: dict = {}
-            alone = []
-            for job in taken:
-                key = batch_key(job.state, job.settings) if self.max_batch > 1 else None
-                if key is not None and self.engine.cache_hit(job.state, job.settings):
-                    key = None  # the prefix cache holds this prompt: the single-request path reuses it
-                if key is None:
-                    alone.append([job])
-                else:
-                    groups.setdefault(key, []).append(job)
-            for group in [*groups.values(), *alone]:
-                started = self._start(group)
-                if len(started) == 1:
-                    self._run_one(started[0])
-                elif started:
-                    self._run_batch(started)
-            with self._lock:
-                self._held = []
-            if stop:
+                    batch.step()
+                except Exception as exc:  # a bug or out of memory: every answer in the batch gets the error
+                    log.exception("a decoding step of %d answers failed", len(batch.rows))
+                    for row in batch.fail_all():
+                        self._end(jobs.pop(id(row)), exc)
+
+    def _join(self, batch: Batch, job: Job, jobs: dict) -> None:
+        with self._lock:
+            if job.status != "waiting":  # cancelled while it waited
                 return
-
-    def _start(self, jobs: list[Job]) -> list[Job]:
-        """The jobs not cancelled meanwhile, marked running."""
-        with self._lock:
-            started = [job for job in jobs if job.status == "waiting"]
-            for job in started:
-                job.status = "running"
-        return started
-
-    def _run_one(self, job: Job) -> None:
-        start, last = time.perf_counter(), None
+            job.status = "running"
+            self._held.append(job)
         try:
-            for piece in self.engine.stream_chat(job.state, job.settings, reply=job.reply, cancel=job.cancelled):
-                job._send("piece", piece)
-        except Exception as exc:  # the request's own problem, or a bug: either way the server goes on
-            last = exc
-        finally:
-            self._end(job, last, time.perf_counter() - start)
+            row = self.engine.begin(job.state, job.settings, reply=job.reply, cancel=job.cancelled,
+                                    on_piece=lambda text: job._send("piece", text),
+                                    on_finish=lambda row: self._end(jobs.pop(id(row)), None))
+        except Exception as exc:  # the request's own problem (context overflow, a bad image): the others go on
+            self._end(job, exc)
+            return
+        jobs[id(row)] = job
+        job.started = time.perf_counter()
+        batch.add(row)
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        start, ended = time.perf_counter(), set()
+    def _count_batched(self, running: list[Job]) -> None:
+        """Stats: `batches` counts the times two or more answers began decoding together (one count until the
+        batch is down to one answer again), `batched` the answers that decoded beside another."""
         with self._lock:
-            self.stats["batches"] += 1
-            self.stats["batched"] += len(jobs)
+            if len(running) < 2:
+                self._together = False
+                return
+            if not self._together:
+                self.stats["batches"] += 1
+                self._together = True
+            for job in running:
+                if not job.batched:
+                    job.batched = True
+                    self.stats["batched"] += 1
 
-        def finish(i: int, error: Exception | None) -> None:
-            ended.add(i)
-            self._end(jobs[i], error, time.perf_counter() - start)
-
-        turns = [Turn(job.state, job.settings, job.reply, job.cancelled) for job in jobs]
-        try:
-            self.engine.chat_together(turns, lambda i, piece: jobs[i]._send("piece", piece), finish)
-        except Exception as exc:  # a bug: every job still waiting for its end gets the error
-            log.exception("a batch of %d requests failed", len(jobs))
-            for i in range(len(jobs)):
-                if i not in ended:
-                    finish(i, exc)
-        for i in range(len(jobs)):
-            if i not in ended:
-                finish(i, RuntimeError("generation stopped unexpectedly"))
-
-    def _end(self, job: Job, error: Exception | None, seconds: float) -> None:
+    def _end(self, job: Job, error: Exception | None) -> None:
+        seconds = time.perf_counter() - job.started
         outcome = "failed" if error is not None else "cancelled" if job.reply.finish_reason == "cancelled" else "completed"
         with self._lock:
             job.status = "done"
             self.stats[outcome] += 1
             self._seconds = 0.8 * self._seconds + 0.2 * seconds
+            if job in self._held:
+                self._held.remove(job)
         job.slot.release()  # before the last event, so a client that saw its answer end finds its slot free
         job._send(*(("error", error) if error is not None else ("done", None)))
