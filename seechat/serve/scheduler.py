@@ -207,7 +207,7 @@ class Scheduler:
                 job = self._jobs.get()  # idle: wait for work
                 if job is None:
                     return
-                taken.append(job)
+                taken.append(self._take(job))
             with self.engine.lock:
                 while len(taken) < batch.room:  # everything waiting that fits joins before the next step
                     try:
@@ -217,7 +217,7 @@ class Scheduler:
                     if more is None:
                         stopping = True
                         break
-                    taken.append(more)
+                    taken.append(self._take(more))
                 for job in taken:
                     self._join(batch, job, jobs)
                 if not batch.rows:
@@ -230,12 +230,17 @@ class Scheduler:
                     for row in batch.fail_all():
                         self._end(jobs.pop(id(row)), exc)
 
+    def _take(self, job: Job) -> Job:
+        with self._lock:
+            self._held.append(job)  # counted as running from here (it may wait for the engine's lock)
+        return job
+
     def _join(self, batch: Batch, job: Job, jobs: dict) -> None:
         with self._lock:
             if job.status != "waiting":  # cancelled while it waited
+                self._held.remove(job)
                 return
             job.status = "running"
-            self._held.append(job)
         try:
             row = self.engine.begin(job.state, job.settings, reply=job.reply, cancel=job.cancelled,
                                     on_piece=lambda text: job._send("piece", text),
