@@ -71,6 +71,36 @@ def test_answers_stream_into_the_chat_and_each_image_is_sent_once(engine, images
     assert session.closed and session.conversation.messages == []
 
 
+def test_tabs_asking_at_once_decode_together_and_get_their_answers_alone(tiny_model_dir, images):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seechat.serve.scheduler import Scheduler
+
+    engine = ChatEngine(seechat.load(tiny_model_dir, device="cpu"))
+    asks = [(QUESTION, "red"), ("详细描述这张图片", "blue"), ("它在哪里？", "red"), ("这是什么形状？", "blue")]
+    alone = [engine.conversation().ask(q, image=load_image(images[im]), max_new_tokens=8) for q, im in asks]
+    engine.runner = Scheduler(engine, max_queue=8, max_batch=4)
+    chat = WebChat(engine)
+    try:
+        with engine.lock:  # the tabs' questions arrive while the model is busy, so they start together
+            with ThreadPoolExecutor(len(asks)) as pool:
+                futures = [pool.submit(lambda a: list(chat.respond(a[0], [], None, images[a[1]], *SETTINGS))[-1], a)
+                           for a in asks]
+                deadline = time.monotonic() + WAIT
+                while engine.runner.status()["running"] < len(asks) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                engine.lock.release()
+                try:
+                    answers = [f.result(WAIT)[0][-1]["content"] for f in futures]
+                finally:
+                    engine.lock.acquire()
+        stats = engine.runner.status()
+    finally:
+        engine.runner.close()
+    assert answers == alone
+    assert stats["batches"] == 1 and stats["batched"] == len(asks) and stats["completed"] == len(asks)
+
+
 def test_a_broken_image_leaves_the_chat_as_it_was(engine, images):
     chat = WebChat(engine)
     with warnings.catch_warnings(record=True):

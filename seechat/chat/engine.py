@@ -122,8 +122,9 @@ class ChatEngine:
         self.reuse_cache = reuse_cache
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if reuse_cache and prefix_cache_bytes > 0 else None
         self.lock = threading.Lock()
-        tok = model.tokenizer
-        self._safe_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.runner = None
+        """Where conversations send their turns when set (the web page's Scheduler: tabs decode together);
+        None runs each turn on the caller's thread with `stream_chat`."""
 
     # -- conveniences ---------------------------------------------------------------------------------
     def conversation(self) -> "Conversation":
@@ -372,7 +373,11 @@ class Conversation:
         if entry:
             turn.images.append(entry)
         reply = Reply()
-        yield from self.engine.stream_chat(turn, settings, reply=reply)
+        runner = self.engine.runner
+        if runner is not None:
+            yield from runner.stream(turn, settings, reply)
+        else:
+            yield from self.engine.stream_chat(turn, settings, reply=reply)
         if reply.finish_reason != "cancelled":  # a failed, cancelled or abandoned turn leaves the state as it was
             self.state = turn
         self.last_reply = reply

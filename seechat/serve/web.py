@@ -26,6 +26,7 @@ from ..chat.engine import ChatEngine, Conversation, GenerationSettings
 from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image, needed_side
 from ..errors import ConfigError, SeeChatError
+from .scheduler import QueueFull, Scheduler
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -43,6 +44,9 @@ class WebArgs:
     port: int = field(default=7860, metadata={"help": "Port to listen on."})
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image upload, in MB."})
     max_queue: int = field(default=16, metadata={"help": "Most questions waiting for the model at once."})
+    max_batch: int = field(
+        default=8, metadata={"help": "Most answers generated together (1: one at a time); more join between steps."}
+    )
     session_idle_minutes: float = field(
         default=30.0, metadata={"help": "A tab's conversation is freed after this many minutes without a question."}
     )
@@ -51,8 +55,8 @@ class WebArgs:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in 0..65535")
-        if self.max_image_mb <= 0 or self.max_queue < 1:
-            raise ConfigError("max_image_mb must be > 0 and max_queue >= 1")
+        if self.max_image_mb <= 0 or self.max_queue < 1 or self.max_batch < 1:
+            raise ConfigError("max_image_mb must be > 0, max_queue >= 1 and max_batch >= 1")
         if self.session_idle_minutes <= 0 or self.max_sessions < 1:
             raise ConfigError("session_idle_minutes must be > 0 and max_sessions >= 1")
 
@@ -173,7 +177,7 @@ class WebChat:
                 answer += piece
                 shown[-1] = {"role": "assistant", "content": answer}
                 yield shown, "", session, ""
-        except SeeChatError as exc:
+        except (SeeChatError, QueueFull) as exc:
             gr.Warning(str(exc))
             yield history, text, session, ""
             return
@@ -275,8 +279,10 @@ def main(argv: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the page listens on %s: anyone who can reach this address can use the model", args.host)
     engine = ChatEngine(load_model(load_args))
+    # every tab's answers go through one scheduler: they decode together, up to max_batch (continuous batching)
+    engine.runner = Scheduler(engine, max_queue=args.max_queue, max_batch=args.max_batch)
     page = build_page(engine, defaults, args)
-    page.queue(default_concurrency_limit=1, max_size=args.max_queue)  # one engine: answers take turns
+    page.queue(default_concurrency_limit=args.max_batch, max_size=args.max_queue)
     log.info("web page at http://%s:%d", args.host, args.port)
     page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, ssr_mode=False,
                 pwa=False, mcp_server=False, show_error=True, max_file_size=f"{args.max_image_mb:g}mb", quiet=True,
