@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from common import RESULTS, median, write  # noqa: E402
 from seechat import build  # noqa: E402
 from seechat.chat.batch import generate_batch  # noqa: E402
-from seechat.chat.engine import ChatEngine, GenerationSettings  # noqa: E402
+from seechat.chat.engine import ChatEngine, ChatState, GenerationSettings  # noqa: E402
 from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.export.llava import export_llava  # noqa: E402
 from seechat.tiny import sample_image, tiny_config, tiny_llm, tiny_vision  # noqa: E402
@@ -56,21 +56,29 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
-def run() -> dict:
+def compose(tmp: str, device: str = "cpu", dtype: str = "fp32", hidden: int = 512, layers: int = 6,
+            heads: int = 8):
+    """A random composition (CLIP 64 px / patch 4 -> 256 image tokens, as ViT-L/14 at 224 px gives; a Qwen2 text
+    expert of the given shape) and its LLaVA export loaded by transformers on the same device and dtype."""
     from transformers import LlavaForConditionalGeneration
 
+    vision = tiny_vision(f"{tmp}/vision", "clip", hidden=64, image_size=64, patch_size=4)
+    llm = tiny_llm(f"{tmp}/llm", "qwen2", hidden=hidden, layers=layers, heads=heads, max_positions=4096)
+    model = build(tiny_config(vision, llm), device=device, dtype=dtype)
+    export_llava(model, f"{tmp}/llava")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    llava = LlavaForConditionalGeneration.from_pretrained(f"{tmp}/llava", dtype=torch_dtype).to(device).eval()
+    return model, llava
+
+
+def run() -> dict:
     quiet_hf()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        # 256 image tokens per image, as CLIP ViT-L/14 at 224 px gives; a 6-layer, 512-wide text expert
-        vision = tiny_vision(f"{tmp}/vision", "clip", hidden=64, image_size=64, patch_size=4)
-        llm = tiny_llm(f"{tmp}/llm", "qwen2", hidden=512, layers=6, heads=8, max_positions=4096)
-        model = build(tiny_config(vision, llm), device="cpu", dtype="fp32")
-        export_llava(model, f"{tmp}/llava")
-        llava = LlavaForConditionalGeneration.from_pretrained(f"{tmp}/llava", dtype=torch.float32).eval()
+        model, llava = compose(tmp)
     model.stop_token_ids = []  # seechat runs every answer to its full length
     llava.generation_config.eos_token_id = None  # and so does LLaVA: the same work on both sides
-    # seechat never generates the image token (generation_config in chat/engine.py); LLaVA gets the same rule,
+    # seechat never generates the image token (chat/decode.py masks it); LLaVA gets the same rule,
     # so greedy tokens can be compared
     llava_greedy = {"do_sample": False, "suppress_tokens": [model.image_token_id],
                     "pad_token_id": model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0}
@@ -144,6 +152,7 @@ def run() -> dict:
             raise AssertionError(f"{name}: both sides must give the same {length} greedy tokens per row; "
                                  f"got lengths {lengths}, equal={same}")
 
+    results["turn8_ttft"] = turn8_ttft(model)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     kv = RESULTS / "kv_reuse.json"
     turn8 = json.loads(kv.read_text())["turns"]["turn_8"] if kv.exists() else None
@@ -157,6 +166,38 @@ def run() -> dict:
     }
 
 
+def turn8_ttft(model) -> dict:
+    """Time to the first piece of turn 8 of a conversation about one image: with the conversation's KV cache
+    (what the terminal and web page keep) against the same engine re-prefilling the whole history, interleaved."""
+    reuse, again = ChatEngine(model), ChatEngine(model, reuse_cache=False)
+    conv = reuse.conversation()
+    conv.ask(QUESTIONS[0], image=sample_image(), max_new_tokens=32)
+    for q in QUESTIONS[1:7]:
+        conv.ask(q, max_new_tokens=32)
+    settings = GenerationSettings(max_new_tokens=32)
+
+    def first_piece(engine) -> float:
+        state = ChatState([*conv.state.messages, {"role": "user", "content": QUESTIONS[7]}], list(conv.state.images),
+                          conv.state.kv)
+        start = time.perf_counter()
+        pieces = engine.stream_chat(state, settings)
+        next(pieces)
+        seconds = time.perf_counter() - start
+        pieces.close()  # abandoned: the conversation's state stays as it was
+        return seconds
+
+    first_piece(reuse), first_piece(again)  # warm-up
+    times = {"reuse": [], "reprefill": []}
+    for _ in range(REPEATS):
+        times["reuse"].append(first_piece(reuse))
+        times["reprefill"].append(first_piece(again))
+    r, p = median(times["reuse"]), median(times["reprefill"])
+    prompt = len(model.processor.render([*conv.state.messages, {"role": "user", "content": QUESTIONS[7]}],
+                                        num_images=1, add_generation_prompt=True).input_ids)
+    return {"prompt_tokens": prompt, "reuse_s": round(r, 4), "reprefill_s": round(p, 4),
+            "reprefill_over_reuse": round(p / r, 2)}
+
+
 def summary(result: dict) -> str:
     rows = ["| workload | seechat (s) | LLaVA (s) | LLaVA / seechat | same greedy tokens |", "|---|---|---|---|---|"]
     labels = {"single": f"1 answer, {SINGLE_TOKENS} tokens", "batch8": f"batch of {BATCH}, {BATCH_TOKENS} tokens each"}
@@ -168,6 +209,11 @@ def summary(result: dict) -> str:
         rows.append(f"\nLoad average (1, 5, 15 min) before {result['load_average_before']}, after "
                     f"{result['load_average_after']} on {result.get('machine', {}).get('cpu_cores', os.cpu_count())} cores; "
                     f"per-pair ratios: single {result['single']['pair_ratios']}, batch {result['batch8']['pair_ratios']}.")
+    ttft = result.get("turn8_ttft")
+    if ttft:
+        rows.append(f"\nTurn-8 time to first token ({ttft['prompt_tokens']} prompt tokens): KV reuse "
+                    f"{ttft['reuse_s']:.3f} s, re-prefill {ttft['reprefill_s']:.3f} s "
+                    f"({ttft['reprefill_over_reuse']:.2f}x faster with reuse).")
     turn8 = result.get("kv_reuse_turn8")
     if turn8:
         rows.append(f"\nTurn-8 time (bench kv_reuse): KV reuse {turn8['reuse_s']:.3f} s, re-prefill "

@@ -5,11 +5,10 @@
     print([r.text for r in replies])
 
 Each question is rendered exactly as the chat engine renders a fresh conversation (`<image>\\n` in front of
-the text, the model's chat template, the generation prompt), the rows are padded on the left, the image
-embeddings are scattered in, and the text expert's stock `generate` runs on `inputs_embeds` with the prompt
-ids alongside (so repetition_penalty sees the prompt, as in the engine). Greedy answers equal the engine's
-one-by-one answers; with sampling, a batch draws from one seeded stream, so its answers differ from the
-engine's one-by-one samples.
+the text, the model's chat template, the generation prompt), the rows are padded on the left and prefilled
+together with the image embeddings scattered in, and the engine's decode loop (decode.py) answers them, each
+row with its own stop strings, repetition penalty over its own tokens and random generator. Greedy answers
+equal the engine's one-by-one answers; a seeded row draws what the engine draws for it alone.
 
 Context rule: the longest prompt plus the answer's room (max_new_tokens, at most a quarter of the context)
 must fit the text expert's context, else ContextOverflowError; answers get at most context - longest prompt
@@ -27,8 +26,8 @@ from ..data.images import load_image
 from ..data.processor import IMAGE, content
 from ..errors import ContextOverflowError, SeeChatError
 from ..model.seechat import SeeChat
-from .decode import find_stop
-from .engine import GenerationSettings, Reply, generation_config, image_digest
+from .decode import Batch, Row
+from .engine import GenerationSettings, Reply, image_digest
 
 
 def generate_batch(
@@ -62,28 +61,22 @@ def generate_batch(
     rows = [_render(model, text, im is not None, history) for text, im, history in zip(prompts, pil, histories)]
     max_new = _room(model, rows, settings)
 
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if pad == model.image_token_id:  # padding must not look like an image position
-        pad = tok.eos_token_id
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     present = [im for im in pil if im is not None]
     with torch.no_grad():
         cache = image_cache if image_cache is not None else ImageCache()
-        image_embeds = cache.encode(model, present) if present else None
-        embeds = model.embed(ids, image_embeds)
-        config = generation_config(model, settings, max_new, pad)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        out = model.llm.generate(
-            # the ids go along for the logits processors (repetition_penalty)
-            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, generation_config=config,
-            tokenizer=tok,  # for the stop strings
-        )
-    new = out[:, width:].tolist()
-    return [_reply(tokens, len(row), model.stop_token_ids, pad, tok, settings.stop) for tokens, row in zip(new, rows)]
+        image_embeds = cache.encode(model, present).flatten(0, 1) if present else None
+    return decode_together(model, rows, image_embeds, settings, max_new)
+
+
+def decode_together(model: SeeChat, rows: list[list[int]], image_embeds, settings: GenerationSettings,
+                    max_new: int) -> list[Reply]:
+    """Answer fresh prompts (token ids, image embeddings in row order) in one batch of the engine's decode loop."""
+    replies = [Reply(prompt_tokens=len(r), prefill_tokens=len(r)) for r in rows]
+    batch = Batch(model, max_rows=len(rows))
+    batch.fill([Row(r, None, settings, max_new, reply) for r, reply in zip(rows, replies)], image_embeds)
+    while batch.rows:
+        batch.step()
+    return replies
 
 
 class ImageCache:
@@ -136,20 +129,3 @@ def _room(model: SeeChat, rows: list[list[int]], settings: GenerationSettings) -
             f"expert's context of {limit}: shorten the prompt or lower max_new_tokens"
         )
     return min(settings.max_new_tokens, limit - longest)
-
-
-def _reply(tokens: list[int], prompt_len: int, stop_ids: list[int], pad: int, tok, stop: list[str]) -> Reply:
-    """Cut a row at its first end token (kept in token_ids, as the engine does) and at its first stop string."""
-    end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-    kept = tokens if end is None else tokens[: end + 1]
-    if end is None and stop:  # a row a stop string finished early was filled up with padding
-        while kept and kept[-1] == pad:
-            kept = kept[:-1]
-    text = tok.decode(kept, skip_special_tokens=True)
-    cut = find_stop(text, stop)
-    if cut is not None:
-        text, finish = text[:cut], "stop"
-    else:
-        finish = "stop" if end is not None else "length"
-    return Reply(text=text, token_ids=kept, finish_reason=finish, prompt_tokens=prompt_len,
-                 completion_tokens=len(kept), prefill_tokens=prompt_len)

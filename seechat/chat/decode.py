@@ -111,14 +111,7 @@ class Batch:
         """Join `row` (its cache is read, never changed) before the next step."""
         if self.room < 1:
             raise RuntimeError("the batch is full")
-        if row.generator is None and row.settings.temperature > 0:
-            row.generator = torch.Generator(device=self.model.device)
-            if row.settings.seed is not None:
-                row.generator.manual_seed(row.settings.seed)
-            else:
-                row.generator.seed()
-        if row.history is not None:
-            row.history = row.history.to(self.model.device)
+        self._ready(row)
         if not self.rows:
             self.cache, self.mask = _fork(row.cache), None
             self.rows.append(row)
@@ -144,6 +137,29 @@ class Batch:
         self.rows.append(row)
 
     @torch.no_grad()
+    def fill(self, rows: list[Row], image_embeds: torch.Tensor | None = None) -> None:
+        """Start the (empty) batch with fresh prompts prefilled together: rows whose `cache` is None, their prompts
+        padded on the left, `image_embeds` scattered at their image positions in row order (as model.embed does).
+        What `seechat eval` and `seechat caption` run: one prefill for the whole batch instead of one per row."""
+        if self.rows:
+            raise RuntimeError("fill starts an empty batch")
+        device, model = self.model.device, self.model
+        pad = _pad_id(model)
+        width = max(len(r.ids) - 1 for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.ids) + 1) + r.ids[:-1] for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.ids) + 1) + [1] * (len(r.ids) - 1) for r in rows], device=device)
+        self.cache = DynamicCache(config=self.llm.config)
+        if width:
+            embeds = model.embed(ids, image_embeds)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=self.cache,
+                     use_cache=True, logits_to_keep=1)
+        self.mask = None if bool(mask.all()) else mask
+        for row in rows:
+            self._ready(row)
+        self.rows = list(rows)
+
+    @torch.no_grad()
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that finished (they have left the batch)."""
         rows, device = self.rows, self.model.device
@@ -156,7 +172,8 @@ class Batch:
             out = self.llm(input_ids=fed, attention_mask=self.mask, position_ids=positions, cache=self.cache,
                            use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-        logits[:, self.model.image_token_id] = float("-inf")  # the image placeholder is never generated
+        if self.model.image_token_id < logits.shape[-1]:
+            logits[:, self.model.image_token_id] = float("-inf")  # the image placeholder is never generated
         if all(r.processors is None for r in rows):
             chosen = logits.argmax(-1).tolist()
         else:
@@ -180,6 +197,15 @@ class Batch:
         return rows
 
     # -- internals ------------------------------------------------------------------------------------
+    def _ready(self, row: Row) -> None:
+        if row.generator is None and row.settings.temperature > 0:
+            row.generator = torch.Generator(device=self.model.device)
+            # its own seed, or one drawn from torch's global generator (so torch.manual_seed repeats a run)
+            seed = row.settings.seed if row.settings.seed is not None else int(torch.randint(2**62, ()))
+            row.generator.manual_seed(seed)
+        if row.history is not None:
+            row.history = row.history.to(self.model.device)
+
     def _choose(self, row: Row, scores: torch.Tensor) -> int:
         if row.processors is not None:
             scores = row.processors(row.history, scores.float())
@@ -213,6 +239,8 @@ class Batch:
         self.cache.batch_select_indices(index)
         if self.mask is not None:
             self.mask = self.mask[index]
+            if self.capacity == 1:  # sliding-window layers: their length is not the mask's; leave them whole
+                return
             lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
             if lead:
                 for layer in self.cache.layers:
@@ -291,6 +319,13 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = n
     return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _pad_id(model) -> int:
+    """A padding id that is not the image placeholder (padding must not take an image's place)."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return tok.eos_token_id if pad == model.image_token_id else pad
 
 
 def _holds(layer) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache
 
 from ..data.images import load_image
 from ..data.processor import IMAGE, IMAGE_MARKER, check_messages, content
@@ -390,23 +390,6 @@ class Conversation:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def generation_config(model: SeeChat, settings: GenerationSettings, max_new: int, pad: int) -> GenerationConfig:
-    """The stock-generate settings for `settings` (greedy at temperature 0); the image token is never generated."""
-    sample = settings.temperature > 0
-    return GenerationConfig(
-        max_new_tokens=max_new,
-        do_sample=sample,
-        temperature=settings.temperature if sample else None,
-        top_p=settings.top_p if sample else None,
-        top_k=settings.top_k if sample else None,
-        repetition_penalty=settings.repetition_penalty,
-        eos_token_id=model.stop_token_ids or None,
-        pad_token_id=pad,
-        suppress_tokens=[model.image_token_id],
-        stop_strings=list(settings.stop) or None,
-    )
-
-
 def image_digest(image: Image.Image) -> str:
     """A hash of an image's content (mode, size and pixels): equal images share KV cache positions, others never."""
     h = hashlib.sha256(f"{image.mode}:{image.size}:".encode())

@@ -6,8 +6,8 @@
 
 Each row is a list of {'role', 'content'} messages whose <image> markers stand for the row's images in
 order (the same rule as training data and the API), rendered with the model's chat template and a
-generation prompt. Rows are padded on the left and answered in one `generate` call, greedily unless the
-settings say otherwise; the answers equal `generate_batch`'s for one-picture rows.
+generation prompt. Rows are padded on the left, prefilled together and answered by the engine's decode loop,
+greedily unless the settings say otherwise; the answers equal `generate_batch`'s for one-picture rows.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from PIL import Image
 
 from ..data.images import load_image
 from ..model.seechat import SeeChat
-from .batch import _reply, _room
-from .engine import GenerationSettings, Reply, generation_config
+from .batch import _room, decode_together
+from .engine import GenerationSettings, Reply
 
 
 def generate_conversations(model: SeeChat, rows: list[tuple[list[dict], list]],
@@ -33,21 +33,6 @@ def generate_conversations(model: SeeChat, rows: list[tuple[list[dict], list]],
         ids_rows.append(model.processor.render(messages, num_images=len(pil), add_generation_prompt=True).input_ids)
         pictures += pil  # in row order, each row's in marker order: the order embed() scatters them
     max_new = _room(model, ids_rows, settings)
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if pad == model.image_token_id:
-        pad = tok.eos_token_id
-    width = max(len(r) for r in ids_rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids_rows], device=model.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids_rows], device=model.device)
-    vocab = model.llm.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
         image_embeds = model.encode_images(model.processor.pixel_values(pictures).to(model.device)) if pictures else None
-        embeds = model.embed(ids, image_embeds)
-        prompt_ids = ids.masked_fill(ids == model.image_token_id, pad) if model.image_token_id >= vocab else ids
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        out = model.llm.generate(input_ids=prompt_ids, inputs_embeds=embeds, attention_mask=mask,
-                                 generation_config=generation_config(model, settings, max_new, pad))
-    new = out[:, width:].tolist()
-    return [_reply(t, len(r), model.stop_token_ids, pad, tok, settings.stop) for t, r in zip(new, ids_rows)]
+    return decode_together(model, ids_rows, image_embeds, settings, max_new)
