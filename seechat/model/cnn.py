@@ -264,7 +264,9 @@ def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None)
         raise ModelDirError(f"'{path}' is a timm model, and timm does not import here ({exc}): install timm with a "
                             "torchvision that matches your torch") from exc
     model = TimmWrapperModel.from_pretrained(path, dtype=dtype).eval()
-    size = model.config.pretrained_cfg.get("input_size", (3, 224, 224))
+    # the hub's config.json carries timm's pretrained_cfg; a config made in code may not: ask the timm model
+    cfg = getattr(model.config, "pretrained_cfg", None) or getattr(model.timm_model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
     with torch.no_grad():
         probe = model(pixel_values=torch.zeros(1, *size, dtype=next(model.parameters()).dtype)).last_hidden_state
     if probe.dim() == 4:
