@@ -31,6 +31,7 @@ from seechat.chat.engine import ChatEngine, GenerationSettings  # noqa: E402
 from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import sample_image  # noqa: E402
 
+NEEDS_CUDA = True  # bench/run.py skips it without one
 TOKENS = {1: 128, 8: 64, 32: 64}
 REPEATS = 3
 

@@ -16,6 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import torch  # noqa: E402
+
 from common import RESULTS, machine, write  # noqa: E402
 
 
@@ -28,6 +30,9 @@ def main(names: list[str]) -> int:
         return 2
     for name in chosen:
         module = importlib.import_module(f"bench_{name}")
+        if getattr(module, "NEEDS_CUDA", False) and not torch.cuda.is_available():
+            print(f"== {name}: skipped, needs a CUDA GPU (its last result stays in {RESULTS})", flush=True)
+            continue
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         result = module.run()
