@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import httpx  # noqa: E402
 
-from bench_serve_load import MAX_TOKENS, QUESTIONS, _server, server_model  # noqa: E402
+from bench_serve_load import MAX_TOKENS, QUESTIONS, _rss_mb, _server, server_model  # noqa: E402
 
 ROUNDS = 2
 CLIENTS = {1: 16, 8: 4, 32: 2}  # clients -> requests per client, per round
@@ -46,9 +46,10 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, kind = server_model(model_dir, Path(tmp))
         servers = {}
-        with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8"], MAX_QUEUE) as (url8, _), \
-                _server(model, Path(tmp) / "b1.log", ["--max-batch", "1"], MAX_QUEUE) as (url1, _):
-            servers = {8: url8, 1: url1}
+        with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8"], MAX_QUEUE) as (url8, pid8), \
+                _server(model, Path(tmp) / "b1.log", ["--max-batch", "1"], MAX_QUEUE) as (url1, pid1):
+            servers, pids = {8: url8, 1: url1}, {8: pid8, 1: pid1}
+            rss = {b: {"before": _rss_mb(pid)} for b, pid in pids.items()}
             runs: dict = {b: {c: [] for c in CLIENTS} for b in servers}
             load_before = os.getloadavg()
             for n in range(ROUNDS):
@@ -61,6 +62,8 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
                     runs[8][clients][-1]["answers_unlike_single"] = sum(answers[8][k] != answers[1][k] for k in same)
                     runs[8][clients][-1]["answers_compared"] = len(same)
             health = {b: httpx.get(f"{u}/health").json() for b, u in servers.items()}
+            for b, pid in pids.items():
+                rss[b].update(after=_rss_mb(pid), peak=_rss_mb(pid, "VmHWM"))
     table = {b: {c: _merge(r) for c, r in per.items()} for b, per in runs.items()}
     return {
         "model": {"dir": str(model), "which": kind},
@@ -80,9 +83,10 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         },
         "runs": {f"max_batch_{b}": {str(c): t for c, t in per.items()} for b, per in table.items()},
         "server_health_after": {f"max_batch_{b}": h for b, h in health.items()},
+        "server_rss_mb": {f"max_batch_{b}": r for b, r in rss.items()},
         "machine_load_average": {"before": [round(x, 2) for x in load_before],
                                  "after": [round(x, 2) for x in os.getloadavg()]},
-        "note": "2-core machine shared with other jobs: absolute numbers are noisy, the interleaved ratios less so",
+        "note": "clients and servers on the same 2 cores: absolute numbers are noisy, the interleaved ratios less so",
     }
 
 
@@ -190,6 +194,9 @@ def summary(result: dict) -> str:
     rows.append(f"\n--max-batch 8: 8 clients get {ratios['batch8_8_clients_over_1_client']}x the requests/s of 1 "
                 f"client, 32 clients {ratios['batch8_32_clients_over_1_client']}x; at 8 clients --max-batch 8 gets "
                 f"{ratios['batch8_over_batch1_at_8_clients']}x the requests/s of --max-batch 1.")
+    for b, r in result.get("server_rss_mb", {}).items():
+        rows.append(f"Server RSS ({b.replace('_', ' ')}): {r['before']} MB before the runs, {r['after']} MB after "
+                    f"(peak {r['peak']} MB).")
     return "\n".join(rows)
 
 
