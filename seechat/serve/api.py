@@ -8,8 +8,9 @@
 Routes: POST /v1/chat/completions (OpenAI format, `stream: true` for server-sent events ending with
 `data: [DONE]`), GET /v1/models, GET /health (no key needed). With a key (--api-key-file, SEECHAT_API_KEY or
 --api-key) every other route needs `Authorization: Bearer KEY`. Cross-site requests are refused (guard.py:
-Host, Origin, JSON bodies only). Requests share one loaded model; greedy questions that wait together are
-answered in one batch of up to --max-batch (scheduler.py); at most --max-queue are in (running or waiting),
+Host, Origin, JSON bodies only). Requests share one loaded model and decode together, up to --max-batch at
+once, a new request joining the running batch between two steps (scheduler.py); at most --max-queue are in
+(running or waiting),
 more get 429 with Retry-After; a request takes its place only once its body has
 been read (within --body-timeout) and parsed. A request the server cannot serve gets an OpenAI-style error
 object with a 4xx status, never a crash.
@@ -74,7 +75,7 @@ class ServeArgs:
     )
     max_queue: int = field(default=16, metadata={"help": "Most requests in at once, running or waiting; more get 429."})
     max_batch: int = field(
-        default=8, metadata={"help": "Most requests answered together in one batched generation (1: one at a time)."}
+        default=8, metadata={"help": "Most answers decoded together; new requests join the running batch between steps (1: one at a time)."}
     )
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image accepted, in MB (larger: 413)."})
     max_images: int = field(default=8, metadata={"help": "Most images in one request."})
