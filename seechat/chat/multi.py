@@ -34,5 +34,6 @@ def generate_conversations(model: SeeChat, rows: list[tuple[list[dict], list]],
         pictures += pil  # in row order, each row's in marker order: the order embed() scatters them
     max_new = _room(model, ids_rows, settings)
     with torch.no_grad():
-        image_embeds = model.encode_images(model.processor.pixel_values(pictures).to(model.device)) if pictures else None
+        pixels = model.processor.pixel_values(pictures).to(model.device) if pictures else None
+        image_embeds = model.encode_images(pixels) if pictures else None
     return decode_together(model, ids_rows, image_embeds, settings, max_new)

@@ -75,7 +75,9 @@ class ServeArgs:
     )
     max_queue: int = field(default=16, metadata={"help": "Most requests in at once, running or waiting; more get 429."})
     max_batch: int = field(
-        default=8, metadata={"help": "Most answers decoded together; new requests join the running batch between steps (1: one at a time)."}
+        default=8,
+        metadata={"help": "Most answers decoded together; new requests join the running batch between steps "
+                          "(1: one at a time)."},
     )
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image accepted, in MB (larger: 413)."})
     max_images: int = field(default=8, metadata={"help": "Most images in one request."})
