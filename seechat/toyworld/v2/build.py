@@ -39,7 +39,7 @@ DEFAULT_OUT = Path("runs/toyworld_v2")
 class Plan:
     """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
 
-    n_train: int = 5000
+    n_train: int = 6000
     n_multi_train: int = 1500
     """Training conversations over 2-3 one-shape pictures (drawn from the training pictures)."""
     multi_share: float = 0.5
@@ -51,13 +51,16 @@ class Plan:
     n_phrasing: int = 40
     n_multi: int = 40
     """Evaluation records per several-picture kind."""
-    clip_steps: int = 1000
+    clip_steps: int = 1500
     clip_batch: int = 32
+    clip_lr: float = 4e-3
+    kind_weight: float = 2.0
+    """Weight of the dense head's shape-kind loss (the hardest thing for the vision expert to see)."""
     lm_steps: int = 200
     lm_batch: int = 16
-    align_steps: int = 120
+    align_steps: int = 500
     align_batch: int = 16
-    instruct_steps: int = 1200
+    instruct_steps: int = 1600
     instruct_batch: int = 16
     instruct_llm: str = "full"
     align_llm: str = "full"
@@ -207,14 +210,21 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     tok, clip_tok = make_tokenizers(_all_texts(seed))
     processor = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
                                    crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE})
-    images = [load_image(out / "data" / "train" / f"images/{i:05d}.png") for i in range(len(scenes))]
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def pixels(split: str, n: int):
+        images = [load_image(out / "data" / split / f"images/{i:05d}.png") for i in range(n)]
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
+    val = _scenes(plan, seed, "val")
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
-    losses = train_clip(out / "clip", pixels, scenes, clip_tok, sizes=ExpertSizes(patch_size=plan.patch_size),
-                        steps=plan.clip_steps,
-                        batch=plan.clip_batch, seed=seed, image_processor=processor, progress=bar)
+    losses, probe = train_clip(out / "clip", pixels("train", len(scenes)), scenes, clip_tok,
+                               sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
+                               batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight, seed=seed,
+                               image_processor=processor, progress=bar,
+                               heldout=(pixels("val", len(val)), val))
     tok.save_pretrained(out / "tokenizer")
     _losses(out, "vision", losses)
+    (out / "losses" / "vision_probe.json").write_text(json.dumps(probe))
 
 
 def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
@@ -303,6 +313,7 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
         "heldout_combo_accuracy": r["heldout_combos"]["accuracy"],
         "heldout_per_type": r["heldout_combos"]["per_type"],
         "multi_image_accuracy": r["multi"]["per_type"],
+        "vision_probe_val": json.loads((out / "losses" / "vision_probe.json").read_text()),
         "n_test_questions": test["n_questions"],
         "n_heldout_questions": r["heldout_combos"]["n_questions"],
         "n_questions": {k: v["n_questions"] for k, v in r.items()},

@@ -122,8 +122,9 @@ def dense_targets(scenes: list[world.Scene], grid: int) -> dict[str, torch.Tenso
 class DenseHeads(torch.nn.Module):
     """Linear heads over the vision expert's last layer (dropped once it is trained)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, weights: dict[str, float] | None = None):
         super().__init__()
+        self.weights = weights or {}
         self.sizes = {"obj": 1, "colour": len(world.COLOURS), "kind": len(world.SHAPES),
                       "position": len(world.POSITIONS), "box": 4 * (world.IMAGE_SIZE + 1)}
         self.patch = torch.nn.Linear(width, sum(self.sizes.values()))
@@ -144,14 +145,17 @@ class DenseHeads(torch.nn.Module):
         counts = self.counts(hidden[:, 0]).reshape(-1, self.n_counts, 5)
         losses["counts"] = F.cross_entropy(counts.reshape(-1, 5), t["counts"].reshape(-1))
         acc["counts"] = (counts.argmax(-1) == t["counts"]).all(-1).float().mean().item()
-        return sum(losses.values()), acc
+        return sum(self.weights.get(k, 1.0) * v for k, v in losses.items()), acc
 
 
 def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], tokenizer, *,
                sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
                full_caption_share: float = 0.4, position_std: float = 0.5, dense_weight: float = 1.0,
-               progress=None) -> list[float]:
-    """CLIPModel training on the world's pictures; saves it with its tokenizer.
+               kind_weight: float = 1.0, progress=None, heldout: tuple[torch.Tensor, list[world.Scene]] | None = None
+               ) -> tuple[list[float], dict[str, float]]:
+    """CLIPModel training on the world's pictures; saves it with its tokenizer. Returns the losses and, with
+    `heldout` (pixels, scenes), the dense heads' accuracies on those pictures: how well what the bridge reads
+    says what is where (box coordinates within one pixel; counts all right).
 
     Two objectives: contrastive on (picture, description) pairs, each picture paired with its whole caption
     or a partial description, every picture a description fits counting as a match (several per row and
@@ -175,7 +179,7 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
     )
     model = CLIPModel(config)
     grid = 4  # what the bridge reads: the patches themselves (patch 16) or 2x2-pooled (patch 8)
-    head = DenseHeads(sizes.vision_hidden)
+    head = DenseHeads(sizes.vision_hidden, {"kind": kind_weight})
     with torch.no_grad():
         # Hugging Face initialises position embeddings at std 0.02, far below the patch embeddings, so where
         # a shape sits is nearly invisible at first and position is learned last; start them comparable.
@@ -215,12 +219,17 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
         bar.set_postfix(loss=f"{total.item():.3f}", **{k: f"{v:.2f}" for k, v in acc.items()})
     bar.close()
     model.eval()
+    probe: dict[str, float] = {}
+    if heldout is not None:
+        with torch.no_grad():
+            hidden = model.vision_model(pixel_values=heldout[0], output_hidden_states=True).hidden_states[-1]
+            probe = {k: round(v, 4) for k, v in head.loss(_pooled(hidden), dense_targets(heldout[1], grid))[1].items()}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if image_processor is not None:
         image_processor.save_pretrained(out)
-    return losses
+    return losses, probe
 
 
 def _pooled(hidden: torch.Tensor, grid: int = 4) -> torch.Tensor:
