@@ -75,9 +75,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(n_train=800, n_multi_train=0, multi_share=0.0, n_val=20, n_test=20, n_heldout=10, n_shift=10, n_phrasing=10, n_multi=5,
-             clip_steps=300, clip_batch=32, lm_steps=60, lm_batch=16, align_steps=60, align_batch=16,
-             instruct_steps=320, instruct_batch=8)
+QUICK = Plan(n_train=800, n_multi_train=150, n_val=20, n_test=20, n_heldout=10, n_shift=10, n_phrasing=10,
+             n_multi=5, clip_steps=300, lm_steps=60, align_steps=80, instruct_steps=300, instruct_batch=8)
 ALIGN_PROMPT = "详细描述这张图片，并框出每个图形。"
 MAX_LENGTH = 320
 
@@ -92,7 +91,7 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
     plan = plan or (QUICK if quick else FULL)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, 2]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, "v2"]).encode()).hexdigest()[:16]
     phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
               ("evaluate", _evaluate)]
 
