@@ -39,7 +39,7 @@ DEFAULT_OUT = Path("runs/toyworld_v2")
 class Plan:
     """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
 
-    n_train: int = 6000
+    n_train: int = 10000
     n_multi_train: int = 1500
     """Training conversations over 2-3 one-shape pictures (drawn from the training pictures)."""
     multi_share: float = 0.5
@@ -51,7 +51,7 @@ class Plan:
     n_phrasing: int = 40
     n_multi: int = 40
     """Evaluation records per several-picture kind."""
-    clip_steps: int = 1500
+    clip_steps: int = 2000
     clip_batch: int = 32
     clip_lr: float = 4e-3
     kind_weight: float = 2.0
@@ -60,12 +60,13 @@ class Plan:
     lm_batch: int = 16
     align_steps: int = 500
     align_batch: int = 16
-    instruct_steps: int = 1600
+    instruct_steps: int = 1800
     instruct_batch: int = 16
     instruct_llm: str = "full"
     align_llm: str = "full"
     """What of the text expert Stage I trains: full, lora or frozen (bridge only)."""
     align_lr: float = 1.5e-3
+    instruct_lr: float = 1e-3
     max_new_tokens: int = 96
     """Longest answer generated in evaluation (a detect-all answer with four boxes is about 50 tokens)."""
     feature_layer: int = -1
@@ -276,7 +277,7 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
         "parts": {"llm": plan.instruct_llm},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
         "training": {"max_steps": plan.instruct_steps, "per_device_train_batch_size": plan.instruct_batch,
-                     "learning_rate": 2e-3 if plan.instruct_llm == "lora" else 1e-3, "warmup_steps": 0.05, "logging_steps": 10,
+                     "learning_rate": plan.instruct_lr, "warmup_steps": 0.05, "logging_steps": 10,
                      "save_steps": plan.instruct_steps, "eval_strategy": "steps",
                      "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed},
         "overwrite": True,
