@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..build import _jsonl, _losses, _run_stage
+from ..world import YESNO
 from . import world
 
 log = logging.getLogger("seechat")
@@ -334,7 +335,7 @@ def _all_texts(seed: int) -> list[str]:
     things = [*world.COLOURS, *world.SHAPES, *(f"{c}的{k}" for c in world.COLOURS for k in world.SHAPES), "<box>"]
     texts += [q.format(x) for qs in world.QUESTIONS.values() for q in qs for x in things]
     texts += list(world.FOLLOWUP.values()) + [ALIGN_PROMPT]
-    texts += [t.format(x) for t in world.YESNO.values() for x in [*world.COLOURS, *world.SHAPES, *world.POSITIONS]]
+    texts += [t.format(x) for t in YESNO.values() for x in [*world.COLOURS, *world.SHAPES, *world.POSITIONS]]
     rng = random.Random(f"texts:{seed}")
     for scene in world.sample_scenes(seed, "vocabulary", 200, multi=0.5):
         texts += [scene.grounded()] + [q["answer"] for q in world.questions(scene, rng)]

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from ...boxes import box_text
 
 from ..world import COLOURS, ENGLISH as _ENGLISH_V1, FOLLOWUP, IMAGE_SIZE, POSITIONS, QUESTIONS as _QUESTIONS_V1
-from ..world import SHAPES, YESNO, answer, heldout_combos, yesno  # noqa: F401 (YESNO: for the vocabulary)
+from ..world import SHAPES, answer, heldout_combos, yesno
 
 CELL = 16  # the vision expert's patch: no two shapes of a scene have their centres in the same one
 NUMBERS = {0: "零", 1: "一", 2: "两", 3: "三", 4: "四"}
