@@ -1,0 +1,365 @@
+"""`seechat toyworld build --world v2`: the toy world v2 (1-4 shapes, counting, boxes, 2-3 pictures per
+conversation, a shifted renderer), offline on CPU. Not the default world: see the README for its numbers.
+
+    seechat toyworld build --world v2 [--out runs/toyworld_v2] [--seed 0] [--quick]
+
+Phases (each skipped when a previous run with the same settings finished it):
+  data      synthetic pictures, captions, boxes and conversations:
+            OUT/data/{train,val,test,heldout_combos,shift,phrasing,multi}/
+  vision    a CLIP model trained contrastively on the captions and, through heads dropped afterwards, densely
+            on its patches (what is where): OUT/clip/ (vision + text towers)
+  llm       a GLM-architecture LM with a per-character tokenizer, pretrained on the world's text: OUT/llm/
+  align     Stage I with `seechat train align` (bridge + text expert) on captions with every box: OUT/align/
+  instruct  Stage II with `seechat train instruct` (bridge + text expert) on conversations: OUT/instruct/
+  evaluate  accuracy per question type on every evaluation split, boxes scored by IoU: OUT/model/,
+            OUT/metrics.json, OUT/report.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..build import _jsonl, _losses, _run_stage
+from ..world import YESNO
+from . import world
+
+log = logging.getLogger("seechat")
+DEFAULT_OUT = Path("runs/toyworld_v2")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
+
+    n_train: int = 10000
+    n_multi_train: int = 1500
+    """Training conversations over 2-3 one-shape pictures (drawn from the training pictures)."""
+    multi_share: float = 0.5
+    """Share of scenes with 2-4 shapes."""
+    n_val: int = 100
+    n_test: int = 160
+    n_heldout: int = 40
+    n_shift: int = 80
+    n_phrasing: int = 40
+    n_multi: int = 40
+    """Evaluation records per several-picture kind."""
+    clip_steps: int = 2000
+    clip_batch: int = 32
+    clip_lr: float = 4e-3
+    kind_weight: float = 2.0
+    """Weight of the dense head's shape-kind loss (the hardest thing for the vision expert to see)."""
+    lm_steps: int = 200
+    lm_batch: int = 16
+    align_steps: int = 500
+    align_batch: int = 16
+    instruct_steps: int = 1800
+    instruct_batch: int = 16
+    instruct_llm: str = "full"
+    align_llm: str = "full"
+    """What of the text expert Stage I trains: full, lora or frozen (bridge only)."""
+    align_lr: float = 1.5e-3
+    instruct_lr: float = 1e-3
+    max_new_tokens: int = 96
+    """Longest answer generated in evaluation (a detect-all answer with four boxes is about 50 tokens)."""
+    feature_layer: int = -1
+    patch_size: int = 16
+    """The vision expert's patch: 16 (4x4 patches) or 8 (8x8 patches, 2x2-pooled for the bridge)."""
+    keep_cls: bool = True
+
+
+FULL = Plan()
+QUICK = Plan(n_train=800, n_multi_train=150, n_val=20, n_test=20, n_heldout=10, n_shift=10, n_phrasing=10,
+             n_multi=5, clip_steps=300, lm_steps=60, align_steps=80, instruct_steps=300, instruct_batch=8)
+ALIGN_PROMPT = "详细描述这张图片，并框出每个图形。"
+MAX_LENGTH = 320
+
+
+def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None) -> dict:
+    """Run (or reuse) every phase; return the metrics."""
+    import torch
+
+    from ...cli_helpers import quiet_hf
+
+    quiet_hf()
+    plan = plan or (QUICK if quick else FULL)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, "v2"]).encode()).hexdigest()[:16]
+    phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
+              ("evaluate", _evaluate)]
+
+    def seeded(fn):
+        def phase(timings: dict) -> None:
+            torch.manual_seed(seed)
+            fn(out, plan, seed, timings)
+        return phase
+
+    from ...train.phases import run_phases
+    from .report import write_report
+
+    return run_phases(out, key, [(name, seeded(fn)) for name, fn in phases], label="toy world",
+                      report=write_report, bar=True)
+
+
+# -- phases -----------------------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test", "heldout_combos", "shift", "phrasing", "multi")
+
+
+def _scenes(plan: Plan, seed: int, split: str) -> list[world.Scene]:
+    """The scenes of a split (the same for every phase that asks)."""
+    n = {"train": plan.n_train, "val": plan.n_val, "test": plan.n_test, "heldout_combos": plan.n_heldout,
+         "shift": plan.n_shift, "phrasing": plan.n_phrasing}[split]
+    multi = 0.0 if split == "heldout_combos" else plan.multi_share
+    style = world.SHIFT if split == "shift" else world.TRAIN
+    return world.sample_scenes(seed, split, n, multi=multi, style=style)
+
+
+def _data(out: Path, plan: Plan, seed: int, timings) -> None:
+    root = out / "data"
+    shutil.rmtree(root, ignore_errors=True)
+    grounded: dict[str, str] = {}
+    for split in SPLITS:
+        d = root / split
+        (d / "images").mkdir(parents=True)
+        rng = random.Random(f"qa:{split}:{seed}")
+        if split == "multi":
+            _multi_split(d, plan, seed, rng)
+            continue
+        scenes = _scenes(plan, seed, split)
+        caps, qa, convs, refs, dets, aligned = [], [], [], [], [], []
+        for i, scene in enumerate(tqdm(scenes, desc=f"data {split}", leave=False)):
+            name = f"images/{i:05d}.png"
+            scene.render().save(d / name)
+            caps.append({"image": name, "caption": scene.caption()})
+            if split in ("train", "val"):
+                grounded[f"{split}/{name}"] = scene.grounded()
+                aligned.append({"image": name, "caption": scene.grounded()})
+                convs.append({"id": f"{split}-{i}", "image": name, "conversations": world.conversation(scene, rng)})
+                continue
+            asked = world.questions(scene, rng, held_out=split == "phrasing")
+            if len(scene.shapes) == 1:
+                asked.append(world.followup(scene, rng, held_out=split == "phrasing"))
+            if split == "phrasing":  # yes/no questions have no held-out phrasing
+                asked = [q for q in asked if q["type"] != "yesno"]
+            for k, q in enumerate(asked):
+                qa.append({"id": f"{split}-{i}-{k}", "image": name, **q})
+                if q["type"] == "refer":
+                    x0, y0, x1, y1 = q["boxes"][0]
+                    refs.append({"image": name, "expression": q["answer"].split("</ref>")[0][5:],
+                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "type": f"{len(scene.shapes)} shape(s)"})
+                if q["type"] == "detect":
+                    dets.append({"image": name, "label": q["label"],
+                                 "boxes": [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in q["boxes"]]})
+        if split == "train":
+            convs += _multi_conversations(scenes, plan.n_multi_train, rng)
+        _jsonl(d / "captions.jsonl", caps)
+        if aligned:
+            _jsonl(d / "align.jsonl", aligned)
+        if convs:
+            (d / "conversations.json").write_text(json.dumps(convs, ensure_ascii=False))
+        if qa:
+            qa.sort(key=lambda r: world.QUESTION_TYPES.index(r["type"]))  # like answers batch together
+            _jsonl(d / "qa.jsonl", qa)
+            _jsonl(d / "refs.jsonl", refs)
+            _jsonl(d / "dets.jsonl", dets)
+    (root / "grounded.json").write_text(json.dumps(grounded, ensure_ascii=False))
+    (root / "README.md").write_text(_DATA_README.format(held=", ".join(f"{c}{k}" for c, k in world.heldout_combos(seed))),
+                                    encoding="utf-8")
+
+
+def _multi_conversations(scenes: list[world.Scene], n: int, rng: random.Random) -> list[dict]:
+    """Training conversations over 2-3 one-shape training pictures."""
+    ones = [i for i, s in enumerate(scenes) if len(s.shapes) == 1]
+    convs = []
+    for j in range(n if ones else 0):
+        pick = rng.sample(ones, rng.choice([2, 2, 3]))
+        convs.append({"id": f"train-multi-{j}", "image": [f"images/{i:05d}.png" for i in pick],
+                      "conversations": world.multi_conversation([scenes[i] for i in pick], rng)})
+    return convs
+
+
+def _multi_split(d: Path, plan: Plan, seed: int, rng: random.Random) -> None:
+    """Evaluation records over 2-3 pictures: `images` in marker order, one record per kind and draw."""
+    scenes = world.sample_scenes(seed, "multi", plan.n_multi * 3)
+    for i, scene in enumerate(scenes):
+        scene.render().save(d / f"images/{i:05d}.png")
+    rows = []
+    for kind in world.MULTI_KINDS:
+        for j in range(plan.n_multi):
+            pick = rng.sample(range(len(scenes)), rng.choice([2, 2, 3]))
+            rec = world.multi_question([scenes[i] for i in pick], kind, rng)
+            rows.append({"id": f"multi-{kind}-{j}", "images": [f"images/{i:05d}.png" for i in pick], **rec})
+    _jsonl(d / "qa.jsonl", rows)
+
+
+def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
+    from transformers import CLIPImageProcessor
+
+    from ...data.images import load_image
+    from .experts import ExpertSizes, make_tokenizers, train_clip
+
+    scenes = _scenes(plan, seed, "train")
+    tok, clip_tok = make_tokenizers(_all_texts(seed))
+    processor = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
+                                   crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE})
+
+    def pixels(split: str, n: int):
+        images = [load_image(out / "data" / split / f"images/{i:05d}.png") for i in range(n)]
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
+    val = _scenes(plan, seed, "val")
+    bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
+    losses, probe = train_clip(out / "clip", pixels("train", len(scenes)), scenes, clip_tok,
+                               sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
+                               batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight, seed=seed,
+                               image_processor=processor, progress=bar,
+                               heldout=(pixels("val", len(val)), val))
+    tok.save_pretrained(out / "tokenizer")
+    _losses(out, "vision", losses)
+    (out / "losses" / "vision_probe.json").write_text(json.dumps(probe))
+
+
+def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
+    from transformers import AutoTokenizer
+
+    from .experts import ExpertSizes, lm_texts, train_llm
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    grounded = json.loads((out / "data" / "grounded.json").read_text())
+    convs = json.loads((out / "data" / "train" / "conversations.json").read_text())
+    for c in convs:
+        c["image"] = [f"train/{i}" for i in c["image"]] if isinstance(c["image"], list) else f"train/{c['image']}"
+    bar = tqdm(total=plan.lm_steps, desc="text expert (GLM)", unit="step", leave=False)
+    train_grounded = {k: v for k, v in grounded.items() if k.startswith("train/")}
+    texts = lm_texts(convs, train_grounded, tok, copy_prompt=ALIGN_PROMPT)
+    losses = train_llm(out / "llm", texts, tok, sizes=ExpertSizes(), steps=plan.lm_steps, batch=plan.lm_batch,
+                       seed=seed, progress=bar)
+    _losses(out, "llm", losses)
+
+
+def _align(out: Path, plan: Plan, seed: int, timings) -> None:
+    from ...train.config import load_config
+    from ...train.run import train
+
+    cfg = {
+        "output_dir": str(out / "align"),
+        "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
+                             "keep_cls": plan.keep_cls, "pool": "2x2" if plan.patch_size == 8 else "none"},
+                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")}},
+        "data": {"train": [{"path": str(out / "data/train/align.jsonl")}],
+                 "prompts": [ALIGN_PROMPT], "max_length": MAX_LENGTH},
+        "parts": {"llm": plan.align_llm},
+        "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
+                     "learning_rate": plan.align_lr, "warmup_steps": 0.05, "logging_steps": 10,
+                     "save_steps": plan.align_steps, "seed": seed},
+        "overwrite": True,
+    }
+    _run_stage("align", cfg, out, load_config, train)
+
+
+def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
+    from ...train.config import load_config
+    from ...train.run import train
+
+    cfg = {
+        "output_dir": str(out / "instruct"),
+        "init_from": str(out / "align" / "model"),
+        "data": {"train": [{"path": str(out / "data/train/conversations.json")}],
+                 "eval": [{"path": str(out / "data/val/conversations.json")}], "max_length": MAX_LENGTH},
+        "parts": {"llm": plan.instruct_llm},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
+        "training": {"max_steps": plan.instruct_steps, "per_device_train_batch_size": plan.instruct_batch,
+                     "learning_rate": plan.instruct_lr, "warmup_steps": 0.05, "logging_steps": 10,
+                     "save_steps": plan.instruct_steps, "eval_strategy": "steps",
+                     "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed},
+        "overwrite": True,
+    }
+    _run_stage("instruct", cfg, out, load_config, train)
+
+
+def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
+    from ... import load
+    from .evaluate import evaluate_split
+
+    model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
+    shutil.rmtree(out / "model", ignore_errors=True)
+    model.save(out / "model", llm_weights="full" if plan.instruct_llm == "full" else "auto")  # self-contained
+    r = {split: evaluate_split(model, out / "data" / split, out / "eval" / split,
+                                   max_new_tokens=plan.max_new_tokens)
+         for split in ("test", "heldout_combos", "shift", "phrasing", "multi")}
+    test = r["test"]
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "per_type": test["per_type"],
+        "grounding_acc50": test["grounding_acc50"],
+        "grounding_miou": test["grounding_miou"],
+        "counting_accuracy": test["per_type"].get("counting"),
+        "detect_f1": test["detect"]["f1"],
+        "detect_precision": test["detect"]["precision"],
+        "detect_recall": test["detect"]["recall"],
+        "shift_accuracy": r["shift"]["accuracy"],
+        "shift_per_type": r["shift"]["per_type"],
+        "shift_grounding_acc50": r["shift"]["grounding_acc50"],
+        "heldout_phrasing_accuracy": r["phrasing"]["accuracy"],
+        "heldout_phrasing_per_type": r["phrasing"]["per_type"],
+        "heldout_combo_accuracy": r["heldout_combos"]["accuracy"],
+        "heldout_per_type": r["heldout_combos"]["per_type"],
+        "multi_image_accuracy": r["multi"]["per_type"],
+        "vision_probe_val": json.loads((out / "losses" / "vision_probe.json").read_text()),
+        "n_test_questions": test["n_questions"],
+        "n_heldout_questions": r["heldout_combos"]["n_questions"],
+        "n_questions": {k: v["n_questions"] for k, v in r.items()},
+        "heldout_combos": ["".join(c) for c in world.heldout_combos(seed)],
+        "seed": seed,
+        "plan": dataclasses.asdict(plan),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2))
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _all_texts(seed: int) -> list[str]:
+    """Every string the world can say, for the tokenizers' vocabulary (held-out phrasings included: their
+    characters are known words, only the phrasing is new)."""
+    from .experts import text_views
+
+    texts = [t for c in world.COLOURS for k in world.SHAPES for p in world.POSITIONS for t in text_views(c, k, p)]
+    things = [*world.COLOURS, *world.SHAPES, *(f"{c}的{k}" for c in world.COLOURS for k in world.SHAPES), "<box>"]
+    texts += [q.format(x) for qs in world.QUESTIONS.values() for q in qs for x in things]
+    texts += list(world.FOLLOWUP.values()) + [ALIGN_PROMPT]
+    texts += [t.format(x) for t in YESNO.values() for x in [*world.COLOURS, *world.SHAPES, *world.POSITIONS]]
+    rng = random.Random(f"texts:{seed}")
+    for scene in world.sample_scenes(seed, "vocabulary", 200, multi=0.5):
+        texts += [scene.grounded()] + [q["answer"] for q in world.questions(scene, rng)]
+    ones = [s for s in world.sample_scenes(seed, "vocabulary3", 30)]
+    for _ in range(60):
+        texts += [m["value"] for m in world.multi_conversation(rng.sample(ones, 3), rng)]
+    return texts + ["它是红色的，所以是的。它在中间，所以不是。第三张最后一张都没有都有都是一样不一样"]
+
+
+_DATA_README = """# Toy world data
+
+Synthetic 64x64 pictures of 1-4 coloured shapes (6 colours x 4 shapes; sizes, rotations, edges, noise, blur,
+JPEG and backgrounds varied), with Chinese captions, questions and boxes (`<ref>..</ref><box>(x1,y1),(x2,y2)</box>`,
+0..1000).
+
+- `<split>/images/*.png`, `<split>/captions.jsonl`: `{{"image": "images/00000.png", "caption": "..."}}`
+- `train/align.jsonl`: captions followed by every shape's box (Stage I data)
+- `train|val/conversations.json`: LLaVA-format multi-turn conversations, some over 2-3 pictures (Stage II data)
+- `test|heldout_combos|shift|phrasing/qa.jsonl`: `{{"image", "question", "answer", "type", "id"}}`, follow-ups with
+  `"history"`, boxes in pixels under `"boxes"`; `refs.jsonl` / `dets.jsonl`: records for `seechat eval grounding`
+  / `seechat eval detect`
+- `multi/qa.jsonl`: records over several pictures (`"images"`, one `<image>` marker each)
+- `shift` is drawn with rendering settings outside the training ranges; `phrasing` asks only in phrasings that
+  never appear in training data
+- `heldout_combos` uses only colour x shape pairs absent from all training data: {held}
+"""
+

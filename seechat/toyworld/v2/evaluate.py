@@ -1,0 +1,70 @@
+"""Accuracy on the toy world's question sets: the `seechat eval vqa` benchmark (batched), boxes judged by IoU.
+
+A text answer is right when it equals the expected one. A refer-to-box answer is right when its first box
+has IoU >= 0.5 with the shape's box; a detect-all answer when it gives exactly as many boxes as there are
+shapes of that kind and each matches a distinct one at IoU >= 0.5 (or says there is none, when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...boxes import iou, match, parse_boxes
+from ...eval.grounding import score_detection
+from ...eval.vqa import read_questions, run_vqa
+from . import world
+
+
+def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
+    """(right?, IoU of a refer answer's first box or None)."""
+    if record["type"] == "refer":
+        boxes = parse_boxes(prediction)
+        value = iou(boxes[0].to_pixels(world.IMAGE_SIZE, world.IMAGE_SIZE), record["boxes"][0]) if boxes else 0.0
+        return value >= 0.5, value
+    if record["type"] == "detect":
+        predicted = [b.to_pixels(world.IMAGE_SIZE, world.IMAGE_SIZE) for b in parse_boxes(prediction)]
+        truth = record["boxes"]
+        if not truth:
+            return prediction.strip() == record["answer"].strip(), None
+        return len(predicted) == len(truth) == match(predicted, truth), None
+    return prediction.strip() == record["answer"].strip(), None
+
+
+def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, max_new_tokens: int = 96) -> dict:
+    """Answer every question of split_dir/qa.jsonl (follow-ups after their history); write out/results.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_vqa(model, read_questions(str(split_dir)), out, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    truth = {}
+    for line in open(split_dir / "qa.jsonl", encoding="utf-8"):
+        rec = json.loads(line)
+        truth[rec["id"]] = rec
+    rows = [json.loads(line) for line in open(out / "results.jsonl", encoding="utf-8")]
+    by_type: dict[str, list[bool]] = {}
+    ious, detections = [], []
+    for row in rows:
+        rec = truth[row["id"]]
+        right, value = judge(rec, row["prediction"] or "")
+        row["right"] = right
+        by_type.setdefault(rec["type"], []).append(right)
+        if value is not None:
+            ious.append(value)
+        if rec["type"] == "detect":
+            detections.append({"label": rec["label"], "truth": rec["boxes"], "width": world.IMAGE_SIZE,
+                               "height": world.IMAGE_SIZE,
+                               "predicted": [list(b.to_pixels(world.IMAGE_SIZE, world.IMAGE_SIZE))
+                                             for b in parse_boxes(row["prediction"] or "")]})
+    with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    order = [t for t in dict.fromkeys((*world.QUESTION_TYPES, *world.MULTI_KINDS)) if t in by_type]
+    everything = [r for t in order for r in by_type[t]]
+    return {
+        "accuracy": round(sum(everything) / len(everything), 4),
+        "per_type": {t: round(sum(by_type[t]) / len(by_type[t]), 4) for t in order},
+        "grounding_acc50": round(sum(v >= 0.5 for v in ious) / len(ious), 4) if ious else None,
+        "grounding_miou": round(sum(ious) / len(ious), 4) if ious else None,
+        "detect": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in score_detection(detections).items()}
+        if detections else {"f1": None, "precision": None, "recall": None},
+        "n_questions": len(rows),
+    }

@@ -1,0 +1,121 @@
+"""The toy world v2 (`seechat toyworld build --world v2`): scenes of several shapes with boxes, their questions,
+several-picture conversations, one token per box coordinate, the vision expert's dense targets, and a micro
+build through the CLI that writes every metric."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from seechat.boxes import parse_boxes
+from seechat.toyworld.v2 import world
+
+
+def test_scenes_of_several_shapes_and_their_questions():
+    rng = random.Random(0)
+    scenes = world.sample_scenes(0, "test", 60, multi=1.0)
+    assert {len(s.shapes) for s in scenes} == {2, 3, 4}
+    for scene in scenes:
+        cells = {(int(s.centre[0] // world.CELL), int(s.centre[1] // world.CELL)) for s in scene.shapes}
+        assert len(cells) == len(scene.shapes) and len({s.name for s in scene.shapes}) == len(scene.shapes)
+        for a in scene.shapes:  # boxes apart
+            assert all(world._gap(a.box, b.box) >= 1 for b in scene.shapes if b is not a)
+        qs = {q["type"]: q for q in world.questions(scene, rng)}
+        assert set(qs) == {"description", "counting", "exist", "refer", "detect", "region"}
+        det = qs["detect"]
+        assert len(parse_boxes(det["answer"])) == len(det["boxes"]) and all(
+            any(b == list(s.box) for s in scene.shapes) for b in det["boxes"])
+        region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
+        named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
+        assert region == pytest.approx(named.box, abs=0.04)
+        if "图形" in qs["counting"]["question"] and "的" not in qs["counting"]["question"]:
+            assert qs["counting"]["answer"] == world.count_answer(len(scene.shapes))
+        # the description lists the shapes in reading order, and the boxes after it follow the same order
+        boxes = parse_boxes(scene.grounded())
+        assert [b.ref for b in boxes] == [n for n in re.split("[：、和。]", scene.caption())[1:] if n]
+    # held-out phrasings never appear in training conversations
+    held = [re.compile(re.escape(q).replace(r"\{\}", ".+")) for qs in world.HELD_OUT.values() for q in qs]
+    for scene in world.sample_scenes(0, "train", 80, multi=0.5):
+        for turn in world.conversation(scene, rng):
+            assert not any(h.fullmatch(turn["value"].replace("<image>\n", "")) for h in held), turn
+    # one shape: the v1 questions too, its box where its position says
+    scene = world.make_scene(rng, "红色", "三角形", "右下角")
+    qs = {q["type"]: q for q in world.questions(scene, rng)}
+    assert (qs["colour"]["answer"], qs["shape"]["answer"], qs["position"]["answer"]) == ("红色。", "三角形。", "右下角。")
+    x0, y0, x1, y1 = scene.main.box
+    assert (x0 + x1) / 2 > 32 and (y0 + y1) / 2 > 32 and parse_boxes(qs["refer"]["answer"])[0].ref == "红色的三角形"
+    assert parse_boxes(qs["refer"]["answer"])[0].to_pixels(64, 64) == pytest.approx(scene.main.box, abs=0.04)
+    # the shift split renders outside the training ranges
+    a = world.sample_scenes(0, "shift", 4, style=world.SHIFT)
+    assert all(s.style is world.SHIFT for s in a) and a[0].render().size == (64, 64)
+    assert a[0].render().tobytes() == world.sample_scenes(0, "shift", 4, style=world.SHIFT)[0].render().tobytes()
+
+
+def test_several_picture_questions_are_consistent():
+    rng = random.Random(1)
+    scenes = world.sample_scenes(0, "multi", 30)
+    for _ in range(40):
+        pick = rng.sample(scenes, rng.choice([2, 3]))
+        for kind in world.MULTI_KINDS:
+            rec = world.multi_question(pick, kind, rng)
+            markers = rec["question"].count("<image>") + sum(q.count("<image>") for q, _ in rec["history"])
+            assert markers == len(pick)
+            if kind == "later":
+                assert rec["answer"] == pick[-1].caption()  # the newest picture is described
+            if kind == "which" and "第一张" in rec["question"] and "颜色" in rec["question"]:
+                assert rec["answer"] == pick[0].main.colour + "。"
+        convo = world.multi_conversation(pick, rng)
+        assert sum(t["value"].count("<image>") for t in convo) == len(pick)
+        assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)
+
+
+def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
+    from seechat.toyworld.v2.build import _all_texts
+    from seechat.toyworld.v2.experts import DenseHeads, dense_targets, make_tokenizers
+
+    tok, _ = make_tokenizers(_all_texts(0)[:400])
+    scene = world.sample_scenes(0, "test", 3, multi=1.0)[0]
+    text = scene.grounded()
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text
+    pieces = tok.convert_ids_to_tokens(ids)
+    numbers = [n for b in parse_boxes(text) for n in b.coords]
+    assert [int(p) for p in pieces if p.isdigit()] == numbers  # each coordinate is one token
+    t = dense_targets([scene], grid=4)
+    assert int(t["obj"].sum()) == len(scene.shapes) == int(t["counts"][0, 0])
+    assert sorted(t["box"][0][t["obj"][0].bool()].tolist()) == sorted(list(s.box) for s in scene.shapes)
+    import torch
+
+    loss, acc = DenseHeads(32).loss(torch.randn(1, 17, 32), t)
+    assert loss.item() > 0 and set(acc) == {"colour", "kind", "position", "box", "counts"}
+
+
+def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):
+    """`seechat toyworld build --world v2` with a micro plan (seconds): every phase runs for real; the numbers are
+    those of a barely trained model, so only their presence and range are checked here."""
+    from seechat.__main__ import main
+    from seechat.toyworld.v2 import build as v2build
+
+    micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
+                         n_multi=1, clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, align_steps=2, align_batch=4,
+                         instruct_steps=2, instruct_batch=4, max_new_tokens=24)
+    monkeypatch.setattr(v2build, "QUICK", micro)
+    out = tmp_path / "v2"
+    assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "grounding Acc@0.5" in printed and "several pictures" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("per_type", "build_seconds", "grounding_acc50", "counting_accuracy", "detect_f1", "shift_per_type",
+                "heldout_phrasing_accuracy", "multi_image_accuracy"):
+        assert metrics[key] is not None, key
+    assert set(metrics["multi_image_accuracy"]) == set(world.MULTI_KINDS)
+    assert all(0 <= v <= 1 for v in metrics["shift_per_type"].values())
+    for name in ("model/seechat.json", "data/test/refs.jsonl", "data/test/dets.jsonl", "data/multi/qa.jsonl",
+                 "data/shift/qa.jsonl", "report.md", "report_grid.png"):
+        assert (out / name).is_file(), name
+    ref = json.loads((out / "data/test/refs.jsonl").read_text().splitlines()[0])
+    assert len(ref["bbox"]) == 4 and ref["expression"]  # ready for `seechat eval grounding`
+    assert main(["toyworld", "build", "--world", "v3"]) == 2
