@@ -1,6 +1,6 @@
 """The decoding loop under every front end: answers join and leave a running batch between two steps.
 
-    row = engine.begin(state, settings, reply=reply, on_piece=print)   # prompt prefilled but for its last token
+    row = engine.begin(state, settings, reply=reply, on_piece=print)   # prompt prefilled, first token's logits
     batch = Batch(engine.model, max_rows=8)
     batch.add(row)
     while batch.rows:
@@ -45,10 +45,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Row:
-    """One answer being generated: its prompt, the KV cache of all prompt tokens but the last, and what it made."""
+    """One answer being generated: its prompt, the KV cache of the whole prompt with the logits of its last position
+    (the first answer token is chosen from them when the row joins a batch), and what it made."""
 
     ids: list[int]
-    cache: DynamicCache
+    cache: DynamicCache | None
     settings: "GenerationSettings"
     max_new: int
     reply: "Reply"
@@ -59,6 +60,8 @@ class Row:
     """Called once when the row is done: with the row's own KV cache (prompt and answer but the last token)
     when `keep_cache`, else None. `reply` holds the text, tokens and finish reason by then."""
     keep_cache: bool = False
+    first_logits: torch.Tensor | None = None
+    """(1, vocabulary) logits after the prompt, from the prefill."""
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     """The answer's text up to the start of its current line (see _Stream)."""
@@ -66,7 +69,7 @@ class Row:
     sent: int = 0
     done: bool = False
     pending: int = -1
-    """The token this row feeds at the next step: the prompt's last token, then each new one."""
+    """The token this row feeds at the next step: the newest one it chose."""
     processors: LogitsProcessorList | None = None
     generator: torch.Generator | None = None
     history: torch.Tensor | None = None
@@ -74,7 +77,6 @@ class Row:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.pending = self.ids[-1]
         procs = []
         if s.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
@@ -107,11 +109,15 @@ class Batch:
     def room(self) -> int:
         return self.capacity - len(self.rows)
 
-    def add(self, row: Row) -> None:
-        """Join `row` (its cache is read, never changed) before the next step."""
+    def add(self, row: Row) -> bool:
+        """Choose `row`'s first token and let it join before the next step (its cache is read, never changed).
+        Returns False when that token already ended the answer (the row finished without joining)."""
         if self.room < 1:
             raise RuntimeError("the batch is full")
         self._ready(row)
+        if self._advance([row], self._pick([row], row.first_logits)):
+            row.on_finish(row, row.cache if row.keep_cache else None)
+            return False
         if not self.rows:
             self.cache, self.mask = _fork(row.cache), None
             self.rows.append(row)
@@ -135,6 +141,7 @@ class Batch:
         self.cache = merged
         self.mask = torch.cat([_pad_left(mask, width - old, 1), _pad_left(ones, width - new, 1)])
         self.rows.append(row)
+        return True
 
     @torch.no_grad()
     def fill(self, rows: list[Row], image_embeds: torch.Tensor | None = None) -> None:
@@ -145,19 +152,19 @@ class Batch:
             raise RuntimeError("fill starts an empty batch")
         device, model = self.model.device, self.model
         pad = _pad_id(model)
-        width = max(len(r.ids) - 1 for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.ids) + 1) + r.ids[:-1] for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.ids) + 1) + [1] * (len(r.ids) - 1) for r in rows], device=device)
+        width = max(len(r.ids) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
         self.cache = DynamicCache(config=self.llm.config)
-        if width:
-            embeds = model.embed(ids, image_embeds)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=self.cache,
-                     use_cache=True, logits_to_keep=1)
+        embeds = model.embed(ids, image_embeds)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=self.cache,
+                       use_cache=True, logits_to_keep=1)
         self.mask = None if bool(mask.all()) else mask
+        self.rows = list(rows)
         for row in rows:
             self._ready(row)
-        self.rows = list(rows)
+        self._finish(self._advance(rows, self._pick(rows, out.logits[:, -1])))
 
     @torch.no_grad()
     def step(self) -> list[Row]:
@@ -171,23 +178,8 @@ class Batch:
             self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], 1)
             out = self.llm(input_ids=fed, attention_mask=self.mask, position_ids=positions, cache=self.cache,
                            use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        if self.model.image_token_id < logits.shape[-1]:
-            logits[:, self.model.image_token_id] = float("-inf")  # the image placeholder is never generated
-        if all(r.processors is None for r in rows):
-            chosen = logits.argmax(-1).tolist()
-        else:
-            chosen = [self._choose(r, logits[i : i + 1]) for i, r in enumerate(rows)]
-        finished = []
-        for i, (row, token) in enumerate(zip(rows, chosen)):
-            row.pending = token
-            if _Stream.step(row, token, self.stop_ids, self.model.tokenizer):
-                finished.append(i)
-        if finished:
-            for i in finished:
-                rows[i].on_finish(rows[i], self._own_cache(i) if rows[i].keep_cache else None)
-            self._leave(finished)
-        return [rows[i] for i in finished]
+        finished = self._advance(rows, self._pick(rows, out.logits[:, -1]))
+        return self._finish(finished)
 
     def fail_all(self) -> list[Row]:
         """Drop every row (after an error in a step): returns them; none of them gets on_finish."""
@@ -205,6 +197,32 @@ class Batch:
             row.generator.manual_seed(seed)
         if row.history is not None:
             row.history = row.history.to(self.model.device)
+
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its (rows, vocabulary) logits."""
+        if self.model.image_token_id < logits.shape[-1]:
+            logits[:, self.model.image_token_id] = float("-inf")  # the image placeholder is never generated
+        if all(r.processors is None for r in rows):
+            return logits.argmax(-1).tolist()
+        return [self._choose(r, logits[i : i + 1]) for i, r in enumerate(rows)]
+
+    def _advance(self, rows: list[Row], chosen: list[int]) -> list[int]:
+        """Give each row its token (streamed, stop strings matched); the indices of the rows that are done."""
+        finished = []
+        for i, (row, token) in enumerate(zip(rows, chosen)):
+            row.pending = token
+            if _Stream.step(row, token, self.stop_ids, self.model.tokenizer):
+                finished.append(i)
+        return finished
+
+    def _finish(self, finished: list[int]) -> list[Row]:
+        """Hand the finished rows their caches and let them leave."""
+        rows = self.rows
+        for i in finished:
+            rows[i].on_finish(rows[i], self._own_cache(i) if rows[i].keep_cache else None)
+        if finished:
+            self._leave(finished)
+        return [rows[i] for i in finished]
 
     def _choose(self, row: Row, scores: torch.Tensor) -> int:
         if row.processors is not None:

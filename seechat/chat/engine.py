@@ -156,11 +156,13 @@ class ChatEngine:
         with self.lock:
             batch = Batch(self.model)
             batch.add(self.begin(state, settings, reply=reply, cancel=cancel, on_piece=pieces.append))
-            while batch.rows:
-                batch.step()
+            while True:
                 if pieces:
                     yield "".join(pieces)
                     pieces.clear()
+                if not batch.rows:
+                    break
+                batch.step()
 
     def begin(
         self,
@@ -187,7 +189,7 @@ class ChatEngine:
             found = self.prefix_cache.lookup(keys)
             if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
                 source = found
-        cache, cached = self._prefill(ids, keys, images, source)
+        cache, cached, logits = self._prefill(ids, keys, images, source)
         reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
 
         def finished(row: Row, kv_cache: DynamicCache | None) -> None:
@@ -204,7 +206,7 @@ class ChatEngine:
             on_finish(row)
 
         return Row(ids, cache, settings, max_new, reply, cancel or threading.Event(), on_piece, finished,
-                   keep_cache=self.reuse_cache)
+                   keep_cache=self.reuse_cache, first_logits=logits)
 
     def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
@@ -263,8 +265,8 @@ class ChatEngine:
             return None
         return torch.cat([e.embeds for e in entries]).to(self.model.device)
 
-    def _prefill(self, ids: list[int], keys: list, images: list[_Image], kv: _KV) -> tuple[DynamicCache, int]:
-        """A cache holding all prompt tokens but the last; return it and how many positions were reused.
+    def _prefill(self, ids: list[int], keys: list, images: list[_Image], kv: _KV):
+        """A cache holding the whole prompt, how many positions were reused, and the logits after the prompt.
 
         Reuse runs as far as the keys agree: token ids, and for image positions the image's content hash, so a
         slot that now holds another image is computed again. The cache in `kv` is forked, never changed.
@@ -276,18 +278,17 @@ class ChatEngine:
             cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
         else:
             cache = DynamicCache(config=self.model.llm.config)
-        todo = torch.tensor([ids[reused:-1]], device=self.model.device)
-        if todo.shape[1]:
-            # only the images with positions left to compute are encoded (a cached image is not looked at again)
-            before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
-            here = int((todo == self.model.image_token_id).sum())
-            first, skip = divmod(before, self.model.num_image_tokens)
-            part = self._image_embeds(images[first:])[skip : skip + here] if here else None
-            with torch.no_grad():
-                embeds = self.model.embed(todo, part)
-                # logits for the last position only: the prompt's full logits would be len x vocabulary floats
-                self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        return cache, reused
+        todo = torch.tensor([ids[reused:]], device=self.model.device)  # at least the last token
+        # only the images with positions left to compute are encoded (a cached image is not looked at again)
+        before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
+        here = int((todo == self.model.image_token_id).sum())
+        first, skip = divmod(before, self.model.num_image_tokens)
+        part = self._image_embeds(images[first:])[skip : skip + here] if here else None
+        with torch.no_grad():
+            embeds = self.model.embed(todo, part)
+            # logits for the last position only: the prompt's full logits would be len x vocabulary floats
+            out = self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        return cache, reused, out.logits[:, -1]
 
 
 class PrefixCache:
