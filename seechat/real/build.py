@@ -52,6 +52,8 @@ class RealArgs:
     instruct_steps: int = field(default=0, metadata={"help": "Stage II steps (0: the recipe's)."})
     batch_size: int = field(default=0, metadata={"help": "Training batch size of both stages (0: the recipe's)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Test questions answered per generate call."})
+    eval_device: str = field(default="cpu", metadata={"help": "Where the test questions are answered: cpu or cuda "
+                                                               "(training uses a GPU whenever there is one)."})
 
 
 def main(argv: list[str]) -> int:
@@ -143,12 +145,12 @@ def _evaluate(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
     from .. import load
     from ..eval.vqa import main as eval_vqa
 
-    model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
+    model = load(out / "instruct" / "model", device=args.eval_device, dtype="fp32")
     shutil.rmtree(out / "model", ignore_errors=True)
     model.save(out / "model")
     del model
     eval_vqa(["--model", str(out / "model"), "--data", str(out / "data" / "test" / "qa.jsonl"),
-              "--out", str(out / "eval"), "--dtype", "fp32", "--device", "cpu",
+              "--out", str(out / "eval"), "--dtype", "fp32", "--device", args.eval_device,
               "--batch-size", str(args.eval_batch_size), "--max-new-tokens", "3"])
     vqa = json.loads((out / "eval" / "metrics.json").read_text())
     metrics = {
