@@ -139,6 +139,17 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
     assert err == "seechat web: error: this needs gradio, which is not installed: pip install 'seechat[web]'"
 
 
+def test_captions_take_colour_and_shape_from_every_kind_of_question():
+    from seechat.real.build import caption
+
+    assert caption({"what color is the shape?": "blue", "what shape is present?": "circle"}) == "a blue circle."
+    assert caption({"is there a red shape?": "yes", "is there a circle?": "no"}) == "a red shape."
+    assert caption({"does the image not contain a teal shape?": "no", "is no triangle present?": "no"}) == \
+        "a teal triangle."
+    assert caption({"is there not a gray shape?": "yes", "is a rectangle present?": "yes"}) == "a rectangle."
+    assert caption({"is there a red shape?": "no"}) == ""
+
+
 def test_easy_vqa_questions_become_one_conversation_per_picture():
     from seechat.real.build import conversations
 

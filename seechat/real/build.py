@@ -38,6 +38,7 @@ log = logging.getLogger("seechat")
 
 RECIPE = "configs/efficientnet-lite0_mlp_smollm2-135m.yaml"
 SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 YES_NO = ("yes", "no")
 
 
@@ -193,9 +194,23 @@ def conversations(rows: list[dict], seed: int = 0) -> list[dict]:
 
 
 def caption(qa: dict[str, str]) -> str:
-    """'a blue rectangle.' from a picture's answers to 'what color is the shape?' and 'what shape is this?'."""
-    colour = next((a for q, a in qa.items() if q.startswith("what color")), "")
-    shape = next((a for q, a in qa.items() if answer_type(a) == "shape"), "")
+    """'a blue rectangle.' from what a picture's questions and answers say (each picture holds one shape).
+
+    The colour and the shape come from any question whose answer names them, and from yes/no questions about a
+    coloured shape that is there ("is there a red shape?" yes, "does the image not contain a circle?" no): with
+    the "what color" questions alone, 39% of the captions had no colour and 388 pictures no caption at all.
+    """
+    colour = shape = ""
+    for q, a in qa.items():
+        kind = answer_type(a)
+        if kind == "color":
+            colour = a
+        elif kind == "shape":
+            shape = a
+        elif (a == "yes") != (" not " in q or q.startswith("is no ")):  # the shape asked about is there
+            words = q.rstrip("?").split()
+            colour = colour or next((w for w in words if w in COLOURS), "")
+            shape = shape or next((w for w in words if w in SHAPES), "")
     words = " ".join(w for w in (colour, shape or ("shape" if colour else "")) if w)
     return f"a {words}." if words else ""
 
