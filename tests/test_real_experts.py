@@ -139,6 +139,34 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
     assert err == "seechat web: error: this needs gradio, which is not installed: pip install 'seechat[web]'"
 
 
+def test_captions_take_colour_and_shape_from_every_kind_of_question():
+    from seechat.real.build import caption
+
+    assert caption({"what color is the shape?": "blue", "what shape is present?": "circle"}) == "a blue circle."
+    assert caption({"is there a red shape?": "yes", "is there a circle?": "no"}) == "a red shape."
+    assert caption({"does the image not contain a teal shape?": "no", "is no triangle present?": "no"}) == \
+        "a teal triangle."
+    assert caption({"is there not a gray shape?": "yes", "is a rectangle present?": "yes"}) == "a rectangle."
+    assert caption({"is there a red shape?": "no"}) == ""
+
+
+def test_easy_vqa_questions_become_one_conversation_per_picture():
+    from seechat.real.build import conversations
+
+    rows = [{"image": f"images/{i}.png", "question": f"q{i}-{k}?", "answer": f"a{i}-{k}"}
+            for i in (3, 10) for k in range(4)] + [{"image": "images/7.png", "question": "q7?", "answer": "yes"}]
+    convs = conversations(rows, seed=1)
+    assert sorted(c["image"] for c in convs) == ["images/10.png", "images/3.png", "images/7.png"]
+    for c in convs:
+        turns = c["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")  # the picture goes with the first question only
+        assert sum("<image>" in t["value"] for t in turns) == 1
+        pairs = {(turns[j]["value"].removeprefix("<image>\n"), turns[j + 1]["value"]) for j in range(0, len(turns), 2)}
+        assert pairs == {(r["question"], r["answer"]) for r in rows if r["image"] == c["image"]}
+    assert conversations(rows, seed=1) == convs and conversations(rows, seed=2) != convs  # seeded order
+
+
 # -- the real experts (make test-real) --------------------------------------------------------------------
 @pytest.mark.real
 def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path, monkeypatch):
@@ -185,7 +213,7 @@ def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path, monkeypatc
     assert json.loads((converted / "seechat_gguf_source.json").read_text())["gguf"] == str(gguf.resolve())
     saved = json.loads((result.model_dir / "seechat.json").read_text())
     assert saved["llm"]["name_or_path"].endswith(".gguf")  # the model directory records the GGUF it came from
-    model = seechat.load(result.model_dir, device="cpu", dtype="bf16")
+    model = seechat.load(result.model_dir, device="cpu", dtype="fp32")
     assert model.num_image_tokens == 4 and model.vision.hidden_size == 1280
     # SmolLM2's 49,152 rows plus one for the image token (id 49152, past the GGUF's vocabulary)
     assert model.image_token_id == 49152 and model.llm.get_input_embeddings().num_embeddings == 49153
