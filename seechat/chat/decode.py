@@ -121,7 +121,7 @@ class Batch:
         if not self.rows:
             self.cache, self.mask = _fork(row.cache), None
             self.rows.append(row)
-            return
+            return True
         old, new = self.cache.get_seq_length(), row.cache.get_seq_length()
         width = max(old, new)
         merged = _fork(self.cache)
