@@ -153,8 +153,9 @@ def lm_texts(scenes: list[world.Scene], tokenizer, seed: int) -> list[str]:
 
 
 def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
-              lr: float = 3e-3) -> list[float]:
-    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer."""
+              lr: float = 3e-3, max_positions: int = 512, progress=None) -> list[float]:
+    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer.
+    `progress`: a tqdm bar to advance (one of its own otherwise); toy world v2 passes one it made earlier."""
     from transformers import GlmConfig, GlmForCausalLM
 
     torch.manual_seed(seed)
@@ -162,7 +163,8 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
            "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
     config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
                        num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=512, tie_word_embeddings=False, **ids)
+                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                       **ids)
     model = GlmForCausalLM(config)
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -171,7 +173,8 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc="text expert (GLM)", unit="step", leave=False):
+    bar = tqdm(total=steps, desc="text expert (GLM)", unit="step", leave=False) if progress is None else progress
+    for _ in range(steps):
         pick = torch.randint(0, len(texts), (batch,), generator=gen)
         width = int(enc.attention_mask[pick].sum(1).max())
         out_ = model(input_ids=enc.input_ids[pick, :width], attention_mask=enc.attention_mask[pick, :width],
@@ -182,6 +185,9 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
         opt.step()
         sched.step()
         losses.append(out_.loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
+    bar.close()
     model.eval()
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
     out.mkdir(parents=True, exist_ok=True)

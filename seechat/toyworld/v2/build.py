@@ -231,7 +231,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
 def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
     from transformers import AutoTokenizer
 
-    from .experts import ExpertSizes, lm_texts, train_llm
+    from ..experts import train_llm  # v1's pretraining loop, with v2's sizes and texts
+    from .experts import ExpertSizes, lm_texts
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     grounded = json.loads((out / "data" / "grounded.json").read_text())
@@ -242,7 +243,7 @@ def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
     train_grounded = {k: v for k, v in grounded.items() if k.startswith("train/")}
     texts = lm_texts(convs, train_grounded, tok, copy_prompt=ALIGN_PROMPT)
     losses = train_llm(out / "llm", texts, tok, sizes=ExpertSizes(), steps=plan.lm_steps, batch=plan.lm_batch,
-                       seed=seed, progress=bar)
+                       seed=seed, max_positions=1024, progress=bar)
     _losses(out, "llm", losses)
 
 

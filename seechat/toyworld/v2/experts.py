@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...tiny import train_tokenizer
+from ..experts import _cosine
 from . import world
 
 
@@ -64,12 +64,6 @@ def make_tokenizers(texts: list[str]):
 CLIP_TEXT_LENGTH = 48
 NUMBER_TOKENS = list(dict.fromkeys(str(round(k * 1000 / world.IMAGE_SIZE)) for k in range(world.IMAGE_SIZE + 1)))
 """Every coordinate a box of a 64-pixel picture can have on the 0..1000 scale."""
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def text_views(colour: str, kind: str, position: str | None) -> list[str]:
@@ -267,45 +261,3 @@ def lm_texts(conversations: list[dict], grounded: dict[str, str], tokenizer, *, 
             messages = [{"role": "user", "content": f"{text}\n{copy_prompt}"}, {"role": "assistant", "content": text}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return texts
-
-
-def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
-              lr: float = 3e-3, progress=None) -> list[float]:
-    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer."""
-    from transformers import GlmConfig, GlmForCausalLM
-
-    torch.manual_seed(seed)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
-    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
-                       num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=1024, tie_word_embeddings=False, **ids)
-    model = GlmForCausalLM(config)
-    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    bar = tqdm(total=steps, desc="text expert (GLM)", unit="step", leave=False) if progress is None else progress
-    for _ in range(steps):
-        pick = torch.randint(0, len(texts), (batch,), generator=gen)
-        width = int(enc.attention_mask[pick].sum(1).max())
-        out_ = model(input_ids=enc.input_ids[pick, :width], attention_mask=enc.attention_mask[pick, :width],
-                     labels=labels[pick, :width])
-        opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(out_.loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
-    bar.close()
-    model.eval()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return losses

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...train.phases import plot_phase_losses
 from ..report import TYPE_NAMES as _TYPE_NAMES_V1
-from ..report import cjk_font
+from ..report import _plot_losses, cjk_font
 from . import world
 
 TYPE_NAMES = {**_TYPE_NAMES_V1, "counting": "计数 counting", "exist": "存在 existence", "refer": "框出 refer-to-box (IoU>=0.5)",
@@ -61,11 +60,6 @@ def write_report(out: Path, metrics: dict) -> Path:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
-
-
-def _plot_losses(out: Path) -> Path:
-    return plot_phase_losses(out, [("vision", "vision expert (CLIP)"), ("llm", "text expert (GLM)"),
-                                   ("align", "Stage I: align"), ("instruct", "Stage II: instruct")])
 
 
 def _plot_grid(out: Path, n: int = 12) -> Path:
