@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from common import RESULTS, median, write  # noqa: E402
 from seechat import build  # noqa: E402
 from seechat.chat.batch import generate_batch  # noqa: E402
-from seechat.chat.decode import Batch  # noqa: E402
+from seechat.chat.decode import Batch, left_padded, pad_id  # noqa: E402
 from seechat.chat.engine import ChatEngine, ChatState, GenerationSettings  # noqa: E402
 from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.export.llava import export_llava  # noqa: E402
@@ -105,13 +105,9 @@ def run() -> dict:
     # -- 2. a batch of 8 questions about 8 images, 32 tokens each --------------------------------------------
     images = [sample_image(c) for c in COLORS[:BATCH]]
     rows = [_prompt_ids(model, q) for q in QUESTIONS[:BATCH]]
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if pad == model.image_token_id:  # as generate_batch pads
-        pad = tok.eos_token_id
-    width = max(len(r) for r in rows)
-    batch_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    batch_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pad = pad_id(model)  # as generate_batch pads
+    batch_ids, batch_mask = left_padded(rows, pad)
+    width = batch_ids.shape[1]
     batch_pixels = model.processor.pixel_values(images)
     batch_settings = GenerationSettings(max_new_tokens=BATCH_TOKENS)
 

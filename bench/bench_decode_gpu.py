@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from bench_decode import COLORS, QUESTIONS, _prompt_ids, compose  # noqa: E402
 from common import median, write  # noqa: E402
 from seechat.chat.batch import generate_batch  # noqa: E402
+from seechat.chat.decode import left_padded, pad_id  # noqa: E402
 from seechat.chat.engine import ChatEngine, GenerationSettings  # noqa: E402
 from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import sample_image  # noqa: E402
@@ -62,10 +63,7 @@ def run() -> dict:
         model, llava = compose(tmp, device="cuda", dtype="bf16", hidden=2048, layers=24, heads=16)
     model.stop_token_ids = []
     llava.generation_config.eos_token_id = None
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if pad == model.image_token_id:
-        pad = tok.eos_token_id
+    pad = pad_id(model)  # as generate_batch pads
     greedy = {"do_sample": False, "suppress_tokens": [model.image_token_id], "pad_token_id": pad}
     engine = ChatEngine(model)
     params = sum(p.numel() for p in model.llm.parameters())
@@ -76,9 +74,8 @@ def run() -> dict:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
         images = [sample_image(COLORS[i % len(COLORS)]) for i in range(batch)]
         rows = [_prompt_ids(model, q) for q in questions]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device="cuda")
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
+        ids, mask = left_padded(rows, pad, "cuda")
+        width = ids.shape[1]
         pixels = model.processor.pixel_values(images).to("cuda", torch.bfloat16)
         settings = GenerationSettings(max_new_tokens=length)
 

@@ -150,11 +150,8 @@ class Batch:
         What `seechat eval` and `seechat caption` run: one prefill for the whole batch instead of one per row."""
         if self.rows:
             raise RuntimeError("fill starts an empty batch")
-        device, model = self.model.device, self.model
-        pad = _pad_id(model)
-        width = max(len(r.ids) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
+        model = self.model
+        ids, mask = left_padded([r.ids for r in rows], pad_id(model), model.device)
         self.cache = DynamicCache(config=self.llm.config)
         embeds = model.embed(ids, image_embeds)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -339,11 +336,19 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim)
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
     """A padding id that is not the image placeholder (padding must not take an image's place)."""
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return tok.eos_token_id if pad == model.image_token_id else pad
+
+
+def left_padded(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to one width, and the attention mask (0 over the padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def _holds(layer) -> bool:
