@@ -119,12 +119,12 @@ class Batch:
             row.on_finish(row, row.cache if row.keep_cache else None)
             return False
         if not self.rows:
-            self.cache, self.mask = _fork(row.cache), None
+            self.cache, self.mask = fork_cache(row.cache), None
             self.rows.append(row)
             return True
         old, new = self.cache.get_seq_length(), row.cache.get_seq_length()
         width = max(old, new)
-        merged = _fork(self.cache)
+        merged = fork_cache(self.cache)
         for mine, theirs in zip(merged.layers, row.cache.layers):
             if not _holds(mine) and not _holds(theirs):
                 continue
@@ -237,7 +237,7 @@ class Batch:
         if len(self.rows) == 1:
             return self.cache
         pad = 0 if self.mask is None else int((self.mask[i] == 0).sum())
-        own = _fork(self.cache)
+        own = fork_cache(self.cache)
         for layer in own.layers:
             if _holds(layer):
                 layer.keys = layer.keys[i : i + 1, :, pad:].clone()
@@ -324,8 +324,6 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
     forked.layers = [copy.copy(layer) for layer in cache.layers]
     return forked
 
-
-_fork = fork_cache
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
