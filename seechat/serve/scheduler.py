@@ -75,8 +75,7 @@ class Job:
         """Whether it decoded beside another answer (the stats' `batched`)."""
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop() if loop == "running" else loop
-        self._events: asyncio.Queue = asyncio.Queue()
-        self._sync: queue.Queue = queue.Queue()
+        self._events = asyncio.Queue() if self._loop is not None else queue.Queue()
 
     def cancel(self) -> None:
         """Stop this job: a waiting one never runs, a running one stops at its next token."""
@@ -108,7 +107,7 @@ class Job:
 
     def _send(self, kind: str, value) -> None:
         if self._loop is None:
-            self._sync.put((kind, value))
+            self._events.put((kind, value))
             return
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
@@ -182,7 +181,7 @@ class Scheduler:
         done = False
         try:
             while True:
-                kind, value = job._sync.get()
+                kind, value = job._events.get()
                 if kind == "piece":
                     yield value
                 elif kind == "error":
