@@ -181,7 +181,7 @@ def turn8_ttft(model) -> dict:
         with engine.lock:
             start = time.perf_counter()
             batch = Batch(model)
-            batch.add(engine.begin(state, settings))
+            batch.join([engine.begin(state, settings)])
             batch.step()
             return time.perf_counter() - start
 

@@ -148,3 +148,56 @@ def _run_with(engine, turns, settings):
         conv.ask(text, image=image, max_new_tokens=6, **settings)
         out.append(conv.last_reply)
     return out
+
+
+def test_turns_with_and_without_cached_history_joining_together_answer_as_alone(experts):
+    # What `seechat serve` does when several requests wait: they begin together, their images are encoded in one
+    # call and their prompts prefilled in one forward; one brings 2 cached turns, one a new picture, one no picture.
+    # Each must get the tokens it gets alone, and its conversation must go on from the batched turn as from a
+    # turn of its own (its cache is cut out of the batch's, padding before and between its parts left out).
+    from seechat.chat.decode import Batch
+    from seechat.chat.engine import ChatState, Reply
+
+    model = _model(experts)
+    settings = GenerationSettings(max_new_tokens=8)
+    long = [(DESCRIBE, sample_image((220, 40, 40))), ("它在哪里？", None)]
+
+    def states(engine):
+        conv, _ = _run(engine, long)
+        out = []
+        for messages, images in [(conv.state, None), (None, sample_image((40, 40, 220))), (None, None)]:
+            if messages is not None:
+                out.append(ChatState([*messages.messages, {"role": "user", "content": "有几个？"}],
+                                     list(messages.images), messages.kv))
+            else:
+                text = ("<image>\n" if images is not None else "") + DESCRIBE
+                out.append(ChatState.of([{"role": "user", "content": text}], [images] if images else []))
+        return out
+
+    alone_engine = ChatEngine(model)
+    alone = []
+    for state in states(alone_engine):
+        reply = Reply()
+        list(alone_engine.stream_chat(state, settings, reply=reply))
+        alone.append((reply, state))
+
+    engine = ChatEngine(model)
+    together = states(engine)
+    replies = [Reply() for _ in together]
+    rows = [engine.begin(s, settings, reply=r, encode=False) for s, r in zip(together, replies)]
+    assert rows[0].cache is not None and rows[0].cache.get_seq_length() > 0 and rows[1].cache is None
+    engine.encode(rows)
+    batch = Batch(model, max_rows=4)
+    batch.join(rows)
+    while batch.rows:
+        batch.step()
+    assert [r.token_ids for r in replies] == [a.token_ids for a, _ in alone]
+    assert replies[0].cached_tokens > 0 and replies[1].cached_tokens == 0
+    # the next turn of each conversation reuses the cache cut out of the batch and answers as after a lone turn
+    for state, (_, lone) in zip(together, alone):
+        assert state.kv.cache.get_seq_length() == len(state.kv.keys)
+        nxt, ref = Reply(), Reply()
+        for st, rp in ((state, nxt), (lone, ref)):
+            turn = ChatState([*st.messages, {"role": "user", "content": "它是什么颜色？"}], list(st.images), st.kv)
+            list(engine.stream_chat(turn, settings, reply=rp))
+        assert nxt.token_ids == ref.token_ids and nxt.cached_tokens == ref.cached_tokens > 0

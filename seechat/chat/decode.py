@@ -1,22 +1,24 @@
 """The decoding loop under every front end: answers join and leave a running batch between two steps.
 
-    row = engine.begin(state, settings, reply=reply, on_piece=print)   # prompt prefilled, first token's logits
+    rows = [engine.begin(state, settings, reply=reply, on_piece=print) for state in states]  # not yet prefilled
     batch = Batch(engine.model, max_rows=8)
-    batch.add(row)
+    batch.join(rows)          # their prompts prefilled together, each row's first token chosen
     while batch.rows:
         batch.step()          # one token for every row; a finished row leaves at once (Row.on_finish)
         ...                   # more rows may join here (continuous batching)
 
 Hand-written rather than transformers' own continuous batching (`generate_batch`, `init_continuous_batching`):
-that takes token ids only, and a SeeChat prompt is embeddings with images scattered in, so each row is prefilled
-by the engine (reusing whatever KV cache it has) and joins here with its cache.
+that takes token ids only, and a SeeChat prompt is embeddings with images scattered in, and each row may bring
+the KV cache of its conversation's earlier turns.
 
-Rows are aligned on the right: the batch's KV cache holds each row's positions at its end, padded on the left,
-with an attention mask over the padding and each row's own position ids, so a row gets the tokens it would get
-alone. Each row keeps its own sampling settings and random generator (a seeded answer does not depend on its
-neighbours), repetition penalty over its own tokens, stop strings, token limit and cancel flag. Decoding runs on
-the calling thread: no thread is started per answer (on this kind of CPU, OpenMP spins less once more threads
-than cores exist, and a generation on a helper thread ran 1.8x slower).
+Rows are aligned on the right: the batch's KV cache holds each row's positions at its end, with an attention mask
+over the padding and each row's own position ids, so a row gets the tokens it would get alone. Rows joining
+together are prefilled in one forward: each row's reused cache left-padded to the longest, then its new positions
+left-padded to the longest, so a row's positions can have a gap of padding between its cached and its new part
+(the mask covers it). Each row keeps its own sampling settings and random generator (a seeded answer does not
+depend on its neighbours), repetition penalty over its own tokens, stop strings, token limit and cancel flag.
+Decoding runs on the calling thread: no thread is started per answer (on this kind of CPU, OpenMP spins less once
+more threads than cores exist, and a generation on a helper thread ran 1.8x slower).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Row:
-    """One answer being generated: its prompt, the KV cache of the whole prompt with the logits of its last position
-    (the first answer token is chosen from them when the row joins a batch), and what it made."""
+    """One answer being generated: its prompt, the KV cache of the part of the prompt already computed (None for
+    none) and the embeddings of the rest (`todo`, prefilled when the row joins a batch), and what it made."""
 
     ids: list[int]
     cache: DynamicCache | None
@@ -60,8 +62,10 @@ class Row:
     """Called once when the row is done: with the row's own KV cache (prompt and answer but the last token)
     when `keep_cache`, else None. `reply` holds the text, tokens and finish reason by then."""
     keep_cache: bool = False
-    first_logits: torch.Tensor | None = None
-    """(1, vocabulary) logits after the prompt, from the prefill."""
+    todo: torch.Tensor | None = None
+    """(1, n, hidden) input embeddings of the prompt positions past `cache` (at least one)."""
+    inputs: object = None
+    """What the engine needs to make `todo` when the row's images are encoded (ChatEngine.encode)."""
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     """The answer's text up to the start of its current line (see _Stream)."""
@@ -109,59 +113,63 @@ class Batch:
     def room(self) -> int:
         return self.capacity - len(self.rows)
 
-    def add(self, row: Row) -> bool:
-        """Choose `row`'s first token and let it join before the next step (its cache is read, never changed).
-        Returns False when that token already ended the answer (the row finished without joining)."""
-        if self.room < 1:
-            raise RuntimeError("the batch is full")
-        self._ready(row)
-        if self._advance([row], self._pick([row], row.first_logits)):
-            row.on_finish(row, row.cache if row.keep_cache else None)
-            return False
-        if not self.rows:
-            self.cache, self.mask = fork_cache(row.cache), None
-            self.rows.append(row)
-            return True
-        old, new = self.cache.get_seq_length(), row.cache.get_seq_length()
-        width = max(old, new)
-        merged = fork_cache(self.cache)
-        for mine, theirs in zip(merged.layers, row.cache.layers):
-            if not _holds(mine) and not _holds(theirs):
-                continue
-            like = mine if _holds(mine) else theirs
-            for name in ("keys", "values"):
-                a = getattr(mine, name) if _holds(mine) else _empty(like, name, len(self.rows))
-                b = getattr(theirs, name) if _holds(theirs) else _empty(like, name, 1)
-                setattr(mine, name, torch.cat([_pad_left(a, width - old, 2), _pad_left(b, width - new, 2)]))
-            if not mine.is_initialized:
-                _initialise_like(mine, like)
+    @torch.no_grad()
+    def join(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows` together (one forward), choose each one's first token and let them join before the next
+        step. Their caches are read, never changed. Returns the rows that the first token already finished (they
+        got on_finish and did not join). Nothing joins when the forward fails."""
+        if len(rows) > self.room:
+            raise RuntimeError(f"{len(rows)} rows do not fit in a batch with room for {self.room}")
+        if not rows:
+            return []
         device = self.model.device
-        mask = self.mask if self.mask is not None else torch.ones(len(self.rows), old, dtype=torch.long, device=device)
-        ones = torch.ones(1, new, dtype=torch.long, device=device)
-        self.cache = merged
-        self.mask = torch.cat([_pad_left(mask, width - old, 1), _pad_left(ones, width - new, 1)])
-        self.rows.append(row)
-        return True
+        past = [0 if r.cache is None else r.cache.get_seq_length() for r in rows]
+        new = [r.todo.shape[1] for r in rows]
+        width, longest = max(past), max(new)
+        cache = _stack([r.cache for r in rows], past, [1] * len(rows), self.llm.config)
+        mask = torch.zeros(len(rows), width + longest, dtype=torch.long, device=device)
+        for i, (p, n) in enumerate(zip(past, new)):
+            mask[i, width - p : width] = 1
+            mask[i, width + longest - n :] = 1
+        embeds = torch.cat([_pad_left(r.todo.to(device), longest - n, 1) for r, n in zip(rows, new)])
+        if bool(mask.all()):  # nothing padded: the same call a single prompt makes
+            out = self.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+            mask = None
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1)
+        for row in rows:
+            self._ready(row)
+            row.todo = None  # prefilled: its embeddings are not needed any more
+        finished = self._advance(rows, self._pick(rows, out.logits[:, -1]))
+        before = len(self.rows)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+        else:
+            old = self.cache.get_seq_length()
+            full = max(old, width + longest)
+            self.cache = _stack([self.cache, cache], [old, width + longest], [before, len(rows)], self.llm.config)
+            ones = lambda n, w: torch.ones(n, w, dtype=torch.long, device=device)  # noqa: E731
+            self.mask = torch.cat([_pad_left(self.mask if self.mask is not None else ones(before, old), full - old, 1),
+                                   _pad_left(mask if mask is not None else ones(len(rows), width + longest),
+                                             full - width - longest, 1)])
+            if bool(self.mask.all()):
+                self.mask = None
+        self.rows = [*self.rows, *rows]
+        return self._finish([before + i for i in finished])
 
     @torch.no_grad()
     def fill(self, rows: list[Row], image_embeds: torch.Tensor | None = None) -> None:
-        """Start the (empty) batch with fresh prompts prefilled together: rows whose `cache` is None, their prompts
-        padded on the left, `image_embeds` scattered at their image positions in row order (as model.embed does).
-        What `seechat eval` and `seechat caption` run: one prefill for the whole batch instead of one per row."""
+        """Start the (empty) batch with fresh prompts (rows whose `cache` is None), `image_embeds` scattered at their
+        image positions in row order (as model.embed does): what `seechat eval` and `seechat caption` run."""
         if self.rows:
             raise RuntimeError("fill starts an empty batch")
-        model = self.model
-        ids, mask = left_padded([r.ids for r in rows], pad_id(model), model.device)
-        self.cache = DynamicCache(config=self.llm.config)
-        embeds = model.embed(ids, image_embeds)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=self.cache,
-                       use_cache=True, logits_to_keep=1)
-        self.mask = None if bool(mask.all()) else mask
-        self.rows = list(rows)
-        for row in rows:
-            self._ready(row)
-        self._finish(self._advance(rows, self._pick(rows, out.logits[:, -1])))
+        ids, mask = left_padded([r.ids for r in rows], pad_id(self.model), self.model.device)
+        embeds = self.model.embed(ids, image_embeds)
+        for i, row in enumerate(rows):
+            row.todo = embeds[i : i + 1, ids.shape[1] - len(row.ids) :]
+        self.join(rows)
 
     @torch.no_grad()
     def step(self) -> list[Row]:
@@ -236,12 +244,14 @@ class Batch:
         """Row i's keys and values alone (copied out of the batch's tensors when others share them)."""
         if len(self.rows) == 1:
             return self.cache
-        pad = 0 if self.mask is None else int((self.mask[i] == 0).sum())
         own = fork_cache(self.cache)
+        kept = None if self.mask is None else self.mask[i].bool()  # its positions, without padding before or between
         for layer in own.layers:
             if _holds(layer):
-                layer.keys = layer.keys[i : i + 1, :, pad:].clone()
-                layer.values = layer.values[i : i + 1, :, pad:].clone()
+                keys, values = layer.keys[i : i + 1], layer.values[i : i + 1]
+                if kept is not None:
+                    keys, values = keys[:, :, kept[-keys.shape[2]:]], values[:, :, kept[-values.shape[2]:]]
+                layer.keys, layer.values = keys.clone(), values.clone()
         return own
 
     def _leave(self, gone: list[int]) -> None:
@@ -324,6 +334,25 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
     forked.layers = [copy.copy(layer) for layer in cache.layers]
     return forked
 
+
+
+def _stack(caches: list[DynamicCache | None], lengths: list[int], rows: list[int], config) -> DynamicCache:
+    """One cache of the given caches' rows, each left-padded to the longest (None: `rows` rows of length 0)."""
+    width = max(lengths)
+    if len(caches) == 1 and lengths[0] == width:  # nothing to pad: share the layers (sliding-window ones too)
+        return fork_cache(caches[0]) if caches[0] is not None else DynamicCache(config=config)
+    stacked = DynamicCache(config=config)
+    for k, layer in enumerate(stacked.layers):
+        held = [c.layers[k] if c is not None and _holds(c.layers[k]) else None for c in caches]
+        like = next((h for h in held if h is not None), None)
+        if like is None:
+            continue
+        for name in ("keys", "values"):
+            parts = [_pad_left(getattr(h, name) if h is not None else _empty(like, name, n), width - length, 2)
+                     for h, length, n in zip(held, lengths, rows)]
+            setattr(layer, name, parts[0] if len(parts) == 1 else torch.cat(parts))
+        _initialise_like(layer, like)
+    return stacked
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:

@@ -155,7 +155,7 @@ class ChatEngine:
         pieces: list[str] = []
         with self.lock:
             batch = Batch(self.model)
-            batch.add(self.begin(state, settings, reply=reply, cancel=cancel, on_piece=pieces.append))
+            batch.join([self.begin(state, settings, reply=reply, cancel=cancel, on_piece=pieces.append)])
             while True:
                 if pieces:
                     yield "".join(pieces)
@@ -173,11 +173,14 @@ class ChatEngine:
         cancel: threading.Event | None = None,
         on_piece=lambda text: None,
         on_finish=lambda row: None,
+        encode: bool = True,
     ) -> Row:
-        """The turn in `state` as a Row ready to join a decode Batch: the context rule applied, the KV cache of
-        the conversation or the prefix cache reused as far as its keys agree, the rest prefilled. Call it, and
-        step the batch, under `self.lock`. When the row finishes (not cancelled), `state` gets the kept messages,
-        the answer and the KV cache, and the prefix cache gets the KV; then `on_finish(row)` is called.
+        """The turn in `state` as a Row ready to join a decode Batch (Batch.join prefills it): the context rule
+        applied, the KV cache of the conversation or the prefix cache reused as far as its keys agree, the new
+        images encoded (with `encode=False` not yet: `encode(rows)` then encodes the images of several rows in one
+        call). Call it, and join and step the batch, under `self.lock`. When the row finishes (not cancelled),
+        `state` gets the kept messages, the answer and the KV cache, and the prefix cache gets the KV; then
+        `on_finish(row)` is called.
         """
         settings = settings or GenerationSettings()
         reply = reply if reply is not None else Reply()
@@ -189,7 +192,7 @@ class ChatEngine:
             found = self.prefix_cache.lookup(keys)
             if found is not None and _common_prefix(found.keys, keys) > _common_prefix(source.keys, keys):
                 source = found
-        cache, cached, logits = self._prefill(ids, keys, images, source)
+        cache, cached, inputs = self._reuse(ids, keys, images, source)
         reply.prompt_tokens, reply.prefill_tokens, reply.cached_tokens = len(ids), len(ids) - cached, cached
 
         def finished(row: Row, kv_cache: DynamicCache | None) -> None:
@@ -205,8 +208,22 @@ class ChatEngine:
                 state.kv = kv
             on_finish(row)
 
-        return Row(ids, cache, settings, max_new, reply, cancel or threading.Event(), on_piece, finished,
-                   keep_cache=self.reuse_cache, first_logits=logits)
+        row = Row(ids, cache, settings, max_new, reply, cancel or threading.Event(), on_piece, finished,
+                  keep_cache=self.reuse_cache, inputs=inputs)
+        if encode:
+            self.encode([row])
+        return row
+
+    def encode(self, rows: list[Row]) -> None:
+        """Give each row begun with `encode=False` its `todo` embeddings: the images they still need go through
+        the vision expert together, each once."""
+        rows = [r for r in rows if r.todo is None and r.inputs is not None]
+        self._encode_images(list({id(e): e for r in rows for e in r.inputs[1]}.values()))
+        with torch.no_grad():
+            for row in rows:
+                todo, entries, skip, here = row.inputs
+                part = torch.cat([e.embeds for e in entries])[skip : skip + here] if here else None
+                row.todo, row.inputs = self.model.embed(todo, None if part is None else part.to(self.model.device)), None
 
     def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).
@@ -252,8 +269,8 @@ class ChatEngine:
             reply.dropped_messages += end - start
         return ids, min(settings.max_new_tokens, limit - len(ids)), messages, images
 
-    def _image_embeds(self, entries: list[_Image]) -> torch.Tensor | None:
-        """The entries' embeddings, (n * num_image_tokens, hidden); each image is encoded once and kept."""
+    def _encode_images(self, entries: list[_Image]) -> None:
+        """Encode the entries that have no embeddings yet, in one call of the vision expert; each is kept."""
         todo = [e for e in entries if e.embeds is None]
         if todo:
             pixels = self.model.processor.pixel_values([e.image for e in todo]).to(self.model.device)
@@ -261,34 +278,28 @@ class ChatEngine:
                 embeds = self.model.encode_images(pixels)
             for e, emb in zip(todo, embeds):
                 e.embeds = emb
-        if not entries:
-            return None
-        return torch.cat([e.embeds for e in entries]).to(self.model.device)
 
-    def _prefill(self, ids: list[int], keys: list, images: list[_Image], kv: _KV):
-        """A cache holding the whole prompt, how many positions were reused, and the logits after the prompt.
+    def _reuse(self, ids: list[int], keys: list, images: list[_Image], kv: _KV):
+        """The cache of the prompt's first positions that `kv` holds, how many they are, and what the rest needs:
+        (their ids, the images with positions among them, how many of the first one's positions are cached,
+        how many image positions there are).
 
         Reuse runs as far as the keys agree: token ids, and for image positions the image's content hash, so a
-        slot that now holds another image is computed again. The cache in `kv` is forked, never changed.
+        slot that now holds another image is computed again. The cache in `kv` is forked, never changed; at least
+        the last prompt token is left to compute (its logits give the first answer token).
         """
-        reused = 0
+        reused, cache = 0, None
         if self.reuse_cache and kv.cache is not None:
             reused = min(_common_prefix(kv.keys, keys), len(ids) - 1, kv.cache.get_seq_length())
-            cache = fork_cache(kv.cache)
-            cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
-        else:
-            cache = DynamicCache(config=self.model.llm.config)
-        todo = torch.tensor([ids[reused:]], device=self.model.device)  # at least the last token
+            if reused > 0:
+                cache = fork_cache(kv.cache)
+                cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
+        todo = torch.tensor([ids[reused:]], device=self.model.device)
         # only the images with positions left to compute are encoded (a cached image is not looked at again)
         before = sum(1 for t in ids[:reused] if t == self.model.image_token_id)
         here = int((todo == self.model.image_token_id).sum())
         first, skip = divmod(before, self.model.num_image_tokens)
-        part = self._image_embeds(images[first:])[skip : skip + here] if here else None
-        with torch.no_grad():
-            embeds = self.model.embed(todo, part)
-            # logits for the last position only: the prompt's full logits would be len x vocabulary floats
-            out = self.model.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        return cache, reused, out.logits[:, -1]
+        return cache, reused, (todo, images[first:] if here else [], skip, here)
 
 
 class PrefixCache:

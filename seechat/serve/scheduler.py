@@ -15,8 +15,8 @@ stops at its next token. The event loop that submitted the jobs stays free (heal
 generation).
 
 Continuous batching: the worker keeps one decode Batch (chat/decode.py) of up to max_batch answers. Between two
-decoding steps it takes every waiting job there is room for, prefills it (reusing the prefix cache as far as it
-holds the prompt) and lets it join; an answer that is done leaves at once, and its client gets its end and its
+decoding steps it takes every waiting job there is room for, encodes their images in one call, prefills their
+prompts in one forward (each reusing the prefix cache as far as it holds its prompt) and lets them join; an answer that is done leaves at once, and its client gets its end and its
 slot back. Each answer keeps its own sampling settings, seed, stop strings, token limit, stream and cancellation,
 and greedy answers are those of the same request alone. max_batch 1 answers one request at a time. A newcomer's
 prefill holds up the others' next token (no chunked prefill).
@@ -217,8 +217,7 @@ class Scheduler:
                         stopping = True
                         break
                     taken.append(self._take(more))
-                for job in taken:
-                    self._join(batch, job, jobs)
+                self._join(batch, taken, jobs)
                 if not batch.rows:
                     continue
                 self._count_batched([jobs[id(r)] for r in batch.rows])
@@ -234,22 +233,38 @@ class Scheduler:
             self._held.append(job)  # counted as running from here (it may wait for the engine's lock)
         return job
 
-    def _join(self, batch: Batch, job: Job, jobs: dict) -> None:
-        with self._lock:
-            if job.status != "waiting":  # cancelled while it waited
-                self._held.remove(job)
-                return
-            job.status = "running"
-        try:
-            row = self.engine.begin(job.state, job.settings, reply=job.reply, cancel=job.cancelled,
-                                    on_piece=lambda text: job._send("piece", text),
-                                    on_finish=lambda row: self._end(jobs.pop(id(row)), None))
-        except Exception as exc:  # the request's own problem (context overflow, a bad image): the others go on
-            self._end(job, exc)
+    def _join(self, batch: Batch, taken: list[Job], jobs: dict) -> None:
+        """Begin the taken jobs' turns and let them join the batch together: their new images go through the
+        vision expert in one call and their prompts are prefilled in one forward (what makes many clients
+        cheaper per request than one). A job whose own request fails (context overflow, a bad image) gets its
+        error; the others go on."""
+        rows = []
+        for job in taken:
+            with self._lock:
+                if job.status != "waiting":  # cancelled while it waited
+                    self._held.remove(job)
+                    continue
+                job.status = "running"
+            try:
+                row = self.engine.begin(job.state, job.settings, reply=job.reply, cancel=job.cancelled,
+                                        on_piece=lambda text, job=job: job._send("piece", text),
+                                        on_finish=lambda row: self._end(jobs.pop(id(row)), None), encode=False)
+            except Exception as exc:
+                self._end(job, exc)
+                continue
+            jobs[id(row)] = job
+            job.started = time.perf_counter()
+            rows.append(row)
+        if not rows:
             return
-        jobs[id(row)] = job
-        job.started = time.perf_counter()
-        batch.add(row)
+        try:
+            self.engine.encode(rows)
+            batch.join(rows)
+        except Exception as exc:  # a bug or out of memory while prefilling: these requests fail, the batch goes on
+            log.exception("prefilling %d requests failed", len(rows))
+            for row in rows:
+                if id(row) in jobs and not row.done:
+                    self._end(jobs.pop(id(row)), exc)
 
     def _count_batched(self, running: list[Job]) -> None:
         """Stats: `batches` counts the times two or more answers began decoding together (one count until the
