@@ -236,26 +236,24 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
         slot = scheduler.admit()  # before decoding: the queue bounds how many requests decode images at once
         try:
             messages, images = await run_in_threadpool(to_engine, req.messages, policy)
-            job = scheduler.submit(slot, ChatState.of(messages, images), settings)
+            job = scheduler.submit(slot, ChatState.of(messages, images), settings, stream=req.stream)
         except BaseException:
             slot.release()
             raise
         cid = protocol.completion_id()
         pieces = job.pieces()
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-        try:  # wait for the first piece before answering, so an error still gets its 4xx status
+        try:  # wait for the first piece (or the whole answer) before answering, so an error still gets its 4xx status
             first = await anext(pieces, None)
-            if not req.stream:
-                text = (first or "") + "".join([p async for p in pieces])
         except BaseException:
             job.cancel()
             raise
         finally:
             watcher.cancel()
-        if not req.stream:
+        if not req.stream:  # no pieces were sent: the answer is whole in the reply
             reply = job.reply
             _log(cid, reply)
-            return protocol.completion(cid, name, text, _finish(reply.finish_reason), reply.prompt_tokens,
+            return protocol.completion(cid, name, reply.text, _finish(reply.finish_reason), reply.prompt_tokens,
                                        reply.completion_tokens, reply.cached_tokens)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # background: runs after the stream ends or the client goes away, so a disconnect stops the generation

@@ -4,6 +4,7 @@
     slot = scheduler.admit()                 # QueueFull when 16 requests are already in (429 + Retry-After)
     job = scheduler.submit(slot, state, settings)   # the job owns the slot from here on
     async for piece in job.pieces(): ...     # job.reply holds the usage and finish reason afterwards
+    reply = await scheduler.submit(slot, state, settings, stream=False).result()   # the whole answer at once
     job.cancel()                             # the client went away: stop generating, give the slot back
 
     for piece in scheduler.stream(state, settings):   # the same from a thread without an event loop (web page)
@@ -65,8 +66,10 @@ class Job:
     a plain queue that a thread reads: Scheduler.stream)."""
 
     def __init__(self, scheduler: "Scheduler", slot: Slot, state: ChatState, settings: GenerationSettings,
-                 reply: Reply | None = None, loop="running"):
+                 reply: Reply | None = None, loop="running", stream: bool = True):
         self.state, self.settings, self.slot = state, settings, slot
+        self.stream = stream
+        """False: no text pieces are sent, only the end (the whole text is in `reply`)."""
         self.reply = reply if reply is not None else Reply()
         self.cancelled = threading.Event()
         self.status = "waiting"  # -> running -> done, or waiting -> abandoned
@@ -106,13 +109,27 @@ class Job:
         return self.reply
 
     def _send(self, kind: str, value) -> None:
+        if kind == "piece" and not self.stream:
+            return
         if self._loop is None:
             self._events.put((kind, value))
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody listens any more
-            self.cancelled.set()
+        elif threading.current_thread() is self._scheduler._thread:
+            self._scheduler._outbox.append((self, kind, value))  # sent with the rest of this step's (_flush)
+        else:
+            _deliver(self._loop, [(self, kind, value)])
+
+
+def _deliver(loop, events: list) -> None:
+    """Hand events to their jobs' queues on `loop`, in one wake-up of the loop."""
+    def put() -> None:
+        for job, kind, value in events:
+            job._events.put_nowait((kind, value))
+
+    try:
+        loop.call_soon_threadsafe(put)
+    except RuntimeError:  # the event loop is gone (server shutting down): nobody listens any more
+        for job, _, _ in events:
+            job.cancelled.set()
 
 
 class Scheduler:
@@ -131,6 +148,7 @@ class Scheduler:
         self._seconds = 1.0  # a running average of seconds per request, for Retry-After
         self._together = False  # whether the last step decoded two or more answers
         self._jobs: queue.Queue = queue.Queue()
+        self._outbox: list = []  # events the worker made since its last _flush: (job, kind, value)
         self._thread = threading.Thread(target=self._work, name="seechat-engine", daemon=True)
         self._thread.start()
 
@@ -144,8 +162,9 @@ class Scheduler:
             self._in += 1
         return Slot(self)
 
-    def submit(self, slot: Slot, state: ChatState, settings: GenerationSettings) -> Job:
-        job = Job(self, slot, state, settings)
+    def submit(self, slot: Slot, state: ChatState, settings: GenerationSettings, stream: bool = True) -> Job:
+        """Queue a turn; with stream=False its pieces are not sent (await `job.result()` for the reply)."""
+        job = Job(self, slot, state, settings, stream=stream)
         self._jobs.put(job)
         return job
 
@@ -218,6 +237,7 @@ class Scheduler:
                         break
                     taken.append(self._take(more))
                 self._join(batch, taken, jobs)
+                self._flush()  # the newcomers' first tokens go out before the next step
                 if not batch.rows:
                     continue
                 self._count_batched([jobs[id(r)] for r in batch.rows])
@@ -227,6 +247,17 @@ class Scheduler:
                     log.exception("a decoding step of %d answers failed", len(batch.rows))
                     for row in batch.fail_all():
                         self._end(jobs.pop(id(row)), exc)
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send the events of the last step: one wake-up per event loop, not one per piece of text (on a busy
+        server, waking the loop for every token of every answer cost a sixth of the worker's time)."""
+        events, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for event in events:
+            by_loop.setdefault(event[0]._loop, []).append(event)
+        for loop, some in by_loop.items():
+            _deliver(loop, some)
 
     def _take(self, job: Job) -> Job:
         with self._lock:
