@@ -1,7 +1,9 @@
 """Decoding speed of seechat versus transformers' LlavaForConditionalGeneration on the same weights.
 
 The seechat model is exported with seechat's own LLaVA exporter (`seechat export llava-hf`) and loaded back
-with transformers, so both sides hold the same weights and see the same prompt ids and pixel values. Two
+with transformers, so both sides hold the same weights and see the same prompt ids and pixel values. Both sides
+start from the picture and the question: the LLaVA side's timed part renders the prompt and preprocesses the
+pixels with the same calls seechat makes (until November 2026 it was given them ready, untimed). Two
 workloads, each run interleaved (seechat, llava, seechat, llava ...) in one process, fp32 on CPU, greedy:
 one 64-token answer to one question about one image (seechat's chat engine, as the terminal and the API use
 it), and a batch of 8 questions about 8 images, 32 tokens each (seechat.chat.batch.generate_batch against
@@ -87,8 +89,6 @@ def run() -> dict:
 
     # -- 1. one 64-token answer to one question about one image ----------------------------------------------
     image = sample_image()
-    ids = torch.tensor([_prompt_ids(model, QUESTION)])
-    pixels = model.processor.pixel_values([image])
     settings = GenerationSettings(max_new_tokens=SINGLE_TOKENS)
 
     def seechat_single():
@@ -97,6 +97,9 @@ def run() -> dict:
         return conv.last_reply.token_ids
 
     def llava_single():
+        # from the picture and the question, as seechat starts: the same prompt rendering and pixel preprocessing
+        ids = torch.tensor([_prompt_ids(model, QUESTION)])
+        pixels = model.processor.pixel_values([image])
         with torch.no_grad():
             out = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=SINGLE_TOKENS, **llava_greedy)
@@ -106,15 +109,15 @@ def run() -> dict:
     images = [sample_image(c) for c in COLORS[:BATCH]]
     rows = [_prompt_ids(model, q) for q in QUESTIONS[:BATCH]]
     pad = pad_id(model)  # as generate_batch pads
-    batch_ids, batch_mask = left_padded(rows, pad)
-    width = batch_ids.shape[1]
-    batch_pixels = model.processor.pixel_values(images)
+    width = max(len(r) for r in rows)
     batch_settings = GenerationSettings(max_new_tokens=BATCH_TOKENS)
 
     def seechat_batch():
         return [r.token_ids for r in generate_batch(model, images, QUESTIONS[:BATCH], batch_settings)]
 
     def llava_batch():
+        batch_ids, batch_mask = left_padded([_prompt_ids(model, q) for q in QUESTIONS[:BATCH]], pad)
+        batch_pixels = model.processor.pixel_values(images)
         with torch.no_grad():
             out = llava.generate(input_ids=batch_ids, pixel_values=batch_pixels, attention_mask=batch_mask,
                                  max_new_tokens=BATCH_TOKENS, **{**llava_greedy, "pad_token_id": pad})
@@ -175,15 +178,17 @@ def turn8_ttft(model) -> dict:
 
     def first_token(engine) -> float:
         """Seconds from the question to its first generated token: the prompt's prefill (all of it, or the part
-        past the cache) and one decoding step. The conversation's state is not changed (the turn never ends)."""
+        past the cache), whose last position's logits give that token (Batch.join chooses it and streams it). The
+        conversation's state is not changed (the turn never ends)."""
         state = ChatState([*conv.state.messages, {"role": "user", "content": QUESTIONS[7]}], list(conv.state.images),
                           conv.state.kv)
         with engine.lock:
             start = time.perf_counter()
-            batch = Batch(model)
-            batch.join([engine.begin(state, settings)])
-            batch.step()
-            return time.perf_counter() - start
+            row = engine.begin(state, settings)
+            Batch(model).join([row])
+            seconds = time.perf_counter() - start
+            assert len(row.tokens) == 1
+            return seconds
 
     first_token(reuse), first_token(again)  # warm-up
     times = {"reuse": [], "reprefill": []}

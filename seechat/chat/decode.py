@@ -127,22 +127,27 @@ class Batch:
         new = [r.todo.shape[1] for r in rows]
         width, longest = max(past), max(new)
         cache = _stack([r.cache for r in rows], past, [1] * len(rows), self.llm.config)
-        mask = torch.zeros(len(rows), width + longest, dtype=torch.long, device=device)
-        for i, (p, n) in enumerate(zip(past, new)):
-            mask[i, width - p : width] = 1
-            mask[i, width + longest - n :] = 1
-        embeds = torch.cat([_pad_left(r.todo.to(device), longest - n, 1) for r, n in zip(rows, new)])
-        if bool(mask.all()):  # nothing padded: the same call a single prompt makes
-            out = self.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-            mask = None
+        right = self._prefill_right(rows, new) if width == 0 and min(new) < longest else None
+        if right is not None:
+            logits, mask, cache = right
         else:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
-            out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True, logits_to_keep=1)
+            mask = torch.zeros(len(rows), width + longest, dtype=torch.long, device=device)
+            for i, (p, n) in enumerate(zip(past, new)):
+                mask[i, width - p : width] = 1
+                mask[i, width + longest - n :] = 1
+            embeds = torch.cat([_pad_left(r.todo.to(device), longest - n, 1) for r, n in zip(rows, new)])
+            if bool(mask.all()):  # nothing padded: the same call a single prompt makes
+                out = self.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+                mask = None
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+                out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
         for row in rows:
             self._ready(row)
             row.todo = None  # prefilled: its embeddings are not needed any more
-        finished = self._advance(rows, self._pick(rows, out.logits[:, -1]))
+        finished = self._advance(rows, self._pick(rows, logits))
         before = len(self.rows)
         if not self.rows:
             self.cache, self.mask = cache, mask
@@ -158,6 +163,27 @@ class Batch:
                 self.mask = None
         self.rows = [*self.rows, *rows]
         return self._finish([before + i for i in finished])
+
+    def _prefill_right(self, rows: list[Row], new: list[int]):
+        """Fresh prompts of several lengths, padded on the right: the forward needs no attention mask (padding
+        after a row's prompt is never attended to by it under the causal rule), so attention takes its causal fast
+        path; each row's logits are taken at its own last position. Returns the logits, the mask the batch keeps
+        (0 over the padding, which the row's answer must not attend to) and the cache, or None when the text
+        expert's forward cannot keep per-row positions (then the caller pads on the left)."""
+        device, longest = self.model.device, max(new)
+        embeds = torch.cat([_pad_right(r.todo.to(device), longest - n, 1) for r, n in zip(rows, new)])
+        last = torch.tensor([[n - 1] for n in new], device=device)
+        cache = DynamicCache(config=self.llm.config)
+        try:
+            out = self.llm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=last)
+        except (TypeError, IndexError, RuntimeError):
+            return None
+        if tuple(out.logits.shape[:2]) != (len(rows), 1):
+            return None
+        mask = torch.ones(len(rows), longest, dtype=torch.long, device=device)
+        for i, n in enumerate(new):
+            mask[i, n:] = 0
+        return out.logits[:, -1], mask, cache
 
     @torch.no_grad()
     def fill(self, rows: list[Row], image_embeds: torch.Tensor | None = None) -> None:
@@ -353,6 +379,14 @@ def _stack(caches: list[DynamicCache | None], lengths: list[int], rows: list[int
             setattr(layer, name, parts[0] if len(parts) == 1 else torch.cat(parts))
         _initialise_like(layer, like)
     return stacked
+
+
+def _pad_right(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
