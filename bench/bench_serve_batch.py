@@ -5,7 +5,8 @@ when that is absent; the result says which): one with --max-batch 8, one with --
 a time, the behaviour before batching). The client counts are run in interleaved rounds, alternating the two
 servers, so load from other work on the machine hits both alike; the ratios are the result. Every request asks
 one of four questions about an image of its own (a 64x64 PNG data: URL whose colours encode the request, so
-the prefix cache cannot answer a repeated request) for 16 greedy tokens, half of them streamed. Each answer of
+the prefix cache cannot answer a repeated request; made before the clock starts) for 16 greedy tokens, half of
+them streamed. Each answer of
 the --max-batch 8 server is compared with the answer the --max-batch 1 server gave the same request (there it
 ran alone). A client that gets 429 waits the Retry-After and sends again (deliberate 429s are counted, not
 errors).
@@ -119,12 +120,16 @@ async def _load(url: str, clients: int, per_client: int, round_: int) -> tuple[d
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             return f"{type(exc).__name__}: {exc}"[:200], None
 
+    # the request bodies are made before the clock starts: drawing and PNG-encoding a picture is the client's
+    # work, and it would take the server's cores
+    bodies = {(k, i): _body(QUESTIONS[(k + i) % len(QUESTIONS)], _image_url((round_, clients, k, i)), (k + i) % 2 == 1)
+              for k in range(clients) for i in range(per_client)}
+
     async def client(k: int) -> None:
         nonlocal answered, rejected
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             for i in range(per_client):
-                question = QUESTIONS[(k + i) % len(QUESTIONS)]
-                body = _body(question, _image_url((round_, clients, k, i)), (k + i) % 2 == 1)
+                body = bodies[k, i]
                 while True:
                     outcome, text = await one(http, body)
                     if not outcome.startswith("429 "):

@@ -44,6 +44,17 @@ def test_batched_greedy_equals_the_engine_one_by_one(experts, llm, red, blue):
     assert sum(r.completion_tokens for r in batch) >= 24
 
 
+def test_batched_greedy_equals_one_by_one_with_eager_attention(experts, red, blue):
+    # the decode step builds the padding mask itself for sdpa (boolean) and eager (additive) attention
+    model = _model(experts)
+    model.llm.set_attn_implementation("eager")
+    assert model.llm.config._attn_implementation == "eager"
+    images = [red, blue, None]
+    batch = generate_batch(model, images, PROMPTS[:3], max_new_tokens=10)
+    single = _one_by_one(model, images, PROMPTS[:3], max_new_tokens=10)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+
+
 def test_rows_that_end_early_are_cut_at_their_end_token(experts, red, blue):
     model = _model(experts)
     images, prompts = [red, blue, None], ["图里有什么？", "颜色", "详细描述这张图片"]
