@@ -58,7 +58,12 @@ real-demo: real-setup
 test-real: setup real-setup
 	$(PY) -m pytest -q -m real
 
-bench: setup
+BENCH_STAMP := $(VENV)/.seechat-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
 	$(PY) bench/run.py
 
 # every evaluation of a built toy world (runs/toyworld): win-rate pie, CIDEr, vqa on both splits

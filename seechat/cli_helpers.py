@@ -27,6 +27,15 @@ class LoadArgs:
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the text expert in 8 bits (bitsandbytes, CUDA)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the text expert in 4 bits, NF4 (bitsandbytes, CUDA)."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads for the model's math (0: torch's default, one per core). A small model on a "
+                          "CPU shared with other work (a server's own clients) often runs best on 1."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise SeeChatError("--threads must be >= 0 (0: torch's default)")
 
     @property
     def quantize(self) -> str | None:
@@ -110,6 +119,10 @@ def load_model(args: LoadArgs):
                                "`seechat toyworld build` (or `make demo`), or give --model DIR")
         args.model = TOY_MODEL
     quiet_hf()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                  quantize=args.quantize)

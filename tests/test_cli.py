@@ -72,6 +72,7 @@ def test_a_bad_image_inside_the_loop_does_not_end_the_chat(tiny_model_dir, capsy
         (lambda d: (d / "x.png").write_text("not a picture"), ["--image", "{d}/x.png"], "is not an image file"),
         (lambda d: (d / "empty").mkdir(), ["--image", "{d}/empty"], "has no images"),
         (lambda d: None, ["--temperature", "-1"], "temperature must be >= 0"),
+        (lambda d: None, ["--threads", "-1"], "--threads must be >= 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, make, args, needle):
@@ -126,3 +127,16 @@ def test_quantised_loading_on_the_cpu_is_a_clear_error(tiny_model_dir, capsys, m
     code, out, err = _run(["chat", "--model", str(tiny_model_dir), "--prompt", "x", "--load-in-4bit",
                            "--load-in-8bit"], capsys, monkeypatch)
     assert code == 2 and "choose one of" in err
+
+
+def test_threads_sets_torch_threads_for_the_run(tiny_model_dir, capsys, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, out, _ = _run(["chat", "--model", str(tiny_model_dir), "--prompt", "x", "--max-new-tokens", "2",
+                             "--threads", "1"], capsys, monkeypatch)
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

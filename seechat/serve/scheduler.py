@@ -236,8 +236,9 @@ class Scheduler:
                         stopping = True
                         break
                     taken.append(self._take(more))
-                self._join(batch, taken, jobs)
-                self._flush()  # the newcomers' first tokens go out before the next step
+                if taken:
+                    self._join(batch, taken, jobs)
+                    self._flush()  # the newcomers' first tokens go out before the next step
                 if not batch.rows:
                     continue
                 self._count_batched([jobs[id(r)] for r in batch.rows])
