@@ -73,7 +73,7 @@ class LLMConfig:
     name_or_path: str = ""
     """Hub id or local path of the causal LM (its tokenizer is loaded from the same place)."""
     chat_template: str | None = None
-    """A built-in template name (chatml, glm4, llama3, seechat_v1) to install in the tokenizer,
+    """A built-in template name (chatml, gemma, glm4, llama3, seechat_v1) to install in the tokenizer,
     or null to keep the tokenizer's own template."""
     adapter: str | None = None
     """Path of a peft LoRA adapter applied on load (written by instruction tuning)."""

@@ -22,7 +22,7 @@ from .templates import TEMPLATES, get_template
 CJK = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
 LLM_ARCHS = ("qwen2", "llama", "glm")
-MORE_LLM_ARCHS = ("qwen3",)  # built on request (recipes), not in every parametrised test
+MORE_LLM_ARCHS = ("qwen3", "gemma3")  # built on request (recipes, sliding windows), not in every parametrised test
 VISION_ARCHS = ("clip", "chinese_clip", "siglip", "blip2")
 
 
@@ -66,13 +66,13 @@ def tiny_llm(out: str | os.PathLike, arch: str = "qwen2", *, tokenizer=None, hid
              extra_tokens: tuple[str, ...] = ("<image>",)) -> Path:
     """Save a randomly initialised causal LM of `arch` with a trained tokenizer to `out`."""
     from transformers import (
-        GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-        Qwen3ForCausalLM,
+        Gemma3ForCausalLM, Gemma3TextConfig, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
     )
 
     if arch not in LLM_ARCHS + MORE_LLM_ARCHS:
         raise ValueError(f"arch must be one of {LLM_ARCHS + MORE_LLM_ARCHS}")
-    template = template or {"glm": "glm4"}.get(arch, "chatml")
+    template = template or {"glm": "glm4", "gemma3": "gemma"}.get(arch, "chatml")
     tokenizer = tokenizer or train_tokenizer(sample_texts(), template=template, extra_tokens=extra_tokens)
     ids = {
         "pad_token_id": tokenizer.pad_token_id,
@@ -91,6 +91,9 @@ def tiny_llm(out: str | os.PathLike, arch: str = "qwen2", *, tokenizer=None, hid
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=hidden // heads))
+    elif arch == "gemma3":  # Gemma 3's layout: sliding-window layers and every sixth a global one
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=hidden // heads, sliding_window=32,
+                                                   query_pre_attn_scalar=hidden // heads))
     else:
         model = GlmForCausalLM(GlmConfig(**common, head_dim=hidden // heads))
     out = Path(out)

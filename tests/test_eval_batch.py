@@ -117,3 +117,18 @@ def test_each_image_is_encoded_once(experts, red, blue):
     plain = generate_batch(model, images, "这是什么颜色？", max_new_tokens=6)
     assert [r.token_ids for r in first] == [r.token_ids for r in plain]
     assert again[1].token_ids == first[0].token_ids
+
+
+def test_a_text_expert_with_sliding_window_layers_answers_batches_row_by_row(experts, red, blue, tmp_path):
+    # Gemma 3's sliding-window layers keep a window per row that left padding would shift, so such a text expert
+    # decodes one row at a time (Batch.capacity 1): a batch still gets every row's own greedy answer
+    from seechat.tiny import tiny_llm
+
+    llm = tiny_llm(tmp_path / "gemma3", "gemma3")
+    torch.manual_seed(0)
+    model = seechat.build(tiny_config(experts["vision"]["clip"], llm), device="cpu", dtype="fp32")
+    images = [red, blue, None]
+    batch = generate_batch(model, images, PROMPTS[:3], max_new_tokens=8)
+    single = _one_by_one(model, images, PROMPTS[:3], max_new_tokens=8)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert all(r.completion_tokens >= 1 for r in batch)

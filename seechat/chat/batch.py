@@ -17,6 +17,8 @@ tokens.
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 
 import torch
@@ -72,10 +74,16 @@ def decode_together(model: SeeChat, rows: list[list[int]], image_embeds, setting
                     max_new: int) -> list[Reply]:
     """Answer fresh prompts (token ids, image embeddings in row order) in one batch of the engine's decode loop."""
     replies = [Reply(prompt_tokens=len(r), prefill_tokens=len(r)) for r in rows]
-    batch = Batch(model, max_rows=len(rows))
-    batch.fill([Row(r, None, settings, max_new, reply) for r, reply in zip(rows, replies)], image_embeds)
-    while batch.rows:
-        batch.step()
+    group = Batch(model, max_rows=len(rows)).capacity  # 1 for text experts with sliding-window layers
+    per_row = [0] + list(itertools.accumulate(r.count(model.image_token_id) for r in rows))
+    for start in range(0, len(rows), group):
+        end = min(start + group, len(rows))
+        batch = Batch(model, max_rows=group)
+        embeds = None if image_embeds is None else image_embeds[per_row[start] : per_row[end]]
+        batch.fill([Row(r, None, settings, max_new, reply) for r, reply in zip(rows[start:end], replies[start:end])],
+                   embeds)
+        while batch.rows:
+            batch.step()
     return replies
 
 

@@ -86,7 +86,7 @@ class SeeChatProcessor:
         if with_labels and "generation" not in template:
             raise ConfigError(
                 "the chat template has no {% generation %} block, so the training loss mask cannot be built: "
-                "set llm.chat_template to a built-in template (chatml, glm4, llama3, seechat_v1)"
+                "set llm.chat_template to a built-in template (chatml, gemma, glm4, llama3, seechat_v1)"
             )
         # What tokenizer.apply_chat_template does, except that marked control tokens are encoded as text.
         # (transformers' own `sanitize_control_tokens=True` cannot return the assistant mask the training loss

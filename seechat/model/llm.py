@@ -55,7 +55,7 @@ def prepare_tokenizer(tokenizer, config: SeeChatConfig) -> list[str]:
     elif not tokenizer.chat_template:
         raise ConfigError(
             "the text expert's tokenizer has no chat template: set llm.chat_template to one of "
-            "chatml, glm4, llama3, seechat_v1"
+            "chatml, gemma, glm4, llama3, seechat_v1"
         )
     if config.image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(config.image_token, special=True, normalized=False)], special_tokens=True)

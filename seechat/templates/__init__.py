@@ -28,6 +28,7 @@ TEMPLATES = {
         ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
         ("<|endoftext|>", "<|user|>"),
     ),
+    "gemma": Template("gemma.jinja", ("<start_of_turn>", "<end_of_turn>"), ("<end_of_turn>",)),
     "llama3": Template("llama3.jinja", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), ("<|eot_id|>",)),
     "seechat_v1": Template("seechat_v1.jinja", (), ()),
 }

@@ -50,6 +50,10 @@ class Plan:
     instruct_llm: str = "full"
     feature_layer: int = -1
     keep_cls: bool = True
+    llm: str = ""
+    """A pretrained text expert (folder, hub id or .gguf) instead of the toy LM trained here; it learns with LoRA."""
+    chat_template: str = ""
+    """The built-in chat template for `llm` when its tokenizer has none (a base model's GGUF: e.g. gemma)."""
 
 
 FULL = Plan()
@@ -57,14 +61,22 @@ QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=300, cli
              lm_batch=32, align_steps=60, align_batch=16, instruct_steps=320, instruct_batch=8)
 
 
-def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None) -> dict:
-    """Run (or reuse) every phase; return the metrics."""
+def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None,
+          llm: str = "", chat_template: str = "", align_steps: int = 0, instruct_steps: int = 0) -> dict:
+    """Run (or reuse) every phase; return the metrics. `llm`: a pretrained text expert to stitch instead of
+    the toy LM (Stage II then trains LoRA on it); `align_steps` / `instruct_steps` (> 0) replace the plan's."""
     import torch
 
     from ..cli_helpers import quiet_hf
 
     quiet_hf()
     plan = plan or (QUICK if quick else FULL)
+    if llm:
+        plan = dataclasses.replace(plan, llm=llm, chat_template=chat_template, instruct_llm="lora")
+    if align_steps:
+        plan = dataclasses.replace(plan, align_steps=align_steps)
+    if instruct_steps:
+        plan = dataclasses.replace(plan, instruct_steps=instruct_steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, 1]).encode()).hexdigest()[:16]
@@ -132,6 +144,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
 
 
 def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
+    if plan.llm:  # a pretrained text expert is stitched as it is
+        return
     from transformers import AutoTokenizer
 
     from .experts import ExpertSizes, lm_texts, train_llm
@@ -151,7 +165,7 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "output_dir": str(out / "align"),
         "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
                              "keep_cls": plan.keep_cls},
-                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")}},
+                  "bridge": {"type": "mlp", "depth": 2}, "llm": _llm_config(out, plan)},
         "data": {"train": [{"path": str(out / "data/train/captions.jsonl")}],
                  "prompts": world.QUESTIONS["description"], "max_length": 256},
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
@@ -206,6 +220,12 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+def _llm_config(out: Path, plan: Plan) -> dict:
+    if not plan.llm:
+        return {"name_or_path": str(out / "llm")}
+    return {"name_or_path": plan.llm, **({"chat_template": plan.chat_template} if plan.chat_template else {})}
+
+
 def _run_stage(stage: str, cfg: dict, out: Path, load_config, train) -> None:
     configs = out / "configs"
     configs.mkdir(exist_ok=True)

@@ -11,7 +11,8 @@ from ..cli_helpers import parse, setup_logging
 from ..errors import SeeChatError
 
 WORLDS = {"v1": "runs/toyworld", "v2": "runs/toyworld_v2"}  # world -> default --out
-USAGE = "usage: seechat toyworld build [--world v1|v2] [--out runs/toyworld] [--seed 0] [--quick]"
+USAGE = ("usage: seechat toyworld build [--world v1|v2] [--out runs/toyworld] [--seed 0] [--quick] "
+         "[--llm PATH --chat-template NAME]")
 
 
 @dataclass
@@ -23,10 +24,21 @@ class BuildArgs:
                                                    "runs/toyworld_v2 for --world v2)."})
     seed: int = field(default=0, metadata={"help": "Same seed, same world, same model, same metrics."})
     quick: bool = field(default=False, metadata={"help": "A smaller world and fewer steps (about a minute)."})
+    llm: str = field(default="", metadata={
+        "help": "v1: stitch this pretrained text expert (a folder, hub id or .gguf file) instead of training the "
+                "toy LM; Stage II trains LoRA on it (e.g. Gemma-3-270M: see the README)."})
+    align_steps: int = field(default=0, metadata={"help": "v1: Stage I steps instead of the plan's (0: the plan's)."})
+    instruct_steps: int = field(default=0, metadata={"help": "v1: Stage II steps instead of the plan's (0: the plan's)."})
+    chat_template: str = field(default="", metadata={
+        "help": "The built-in chat template for --llm when its tokenizer has none (gemma for Gemma's base GGUF)."})
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
             raise SeeChatError(f"--world must be one of {', '.join(WORLDS)}, got {self.world!r}")
+        if (self.llm or self.chat_template or self.align_steps or self.instruct_steps) and self.world != "v1":
+            raise SeeChatError("--llm, --chat-template, --align-steps and --instruct-steps work with --world v1 only")
+        if self.align_steps < 0 or self.instruct_steps < 0:
+            raise SeeChatError("--align-steps and --instruct-steps must be >= 0 (0: the plan's)")
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +55,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.out or WORLDS[args.world])
     if out.exists() and not out.is_dir():
         raise SeeChatError(f"--out {out} is a file: give a directory")
-    metrics = build(out, seed=args.seed, quick=args.quick)
+    extra = {"llm": args.llm, "chat_template": args.chat_template, "align_steps": args.align_steps,
+             "instruct_steps": args.instruct_steps} if args.world == "v1" else {}
+    metrics = build(out, seed=args.seed, quick=args.quick, **extra)
     print(summary(metrics, out))
     return 0
 
