@@ -42,6 +42,12 @@ from ..model.seechat import SeeChat
 from .decode import Batch, Row, fork_cache
 
 
+MIN_REUSE = 16
+"""Fewest prompt positions worth taking from a cache (unless the cache holds the whole prompt): requests about
+different pictures share only the chat template's first few tokens, and a row that brings a cache of its own
+cannot take the batched prefill's fast path (vLLM reuses whole blocks of 16 for a like reason)."""
+
+
 @dataclass
 class GenerationSettings:
     """How an answer is generated. temperature 0 means greedy decoding (the original's default)."""
@@ -291,6 +297,8 @@ class ChatEngine:
         reused, cache = 0, None
         if self.reuse_cache and kv.cache is not None:
             reused = min(_common_prefix(kv.keys, keys), len(ids) - 1, kv.cache.get_seq_length())
+            if reused < min(MIN_REUSE, len(ids) - 1):  # a few template tokens: not worth a copy of the cache
+                reused = 0
             if reused > 0:
                 cache = fork_cache(kv.cache)
                 cache.crop(reused - cache.get_seq_length())  # a negative count removes that many tokens
