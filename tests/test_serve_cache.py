@@ -72,3 +72,44 @@ def test_the_prefix_cache_keeps_to_its_byte_budget(model, red):
     assert len(small.prefix_cache.entries) == 2 and small.prefix_cache.bytes <= sum(sizes[:2])
     assert answers == [big.ask(sample_image(c), "这是什么颜色？", max_new_tokens=4)
                        for c in [(220, 40, 40), (40, 40, 220), (40, 180, 40)]]
+
+
+def test_the_prefix_index_finds_the_longest_shared_prefix_among_many_entries():
+    # the block-hash index must give what comparing against every entry gives, and stay consistent as entries
+    # are superseded (a later turn extends an earlier one) and evicted (byte budget)
+    import random
+
+    import torch
+
+    from seechat.chat.engine import PREFIX_BLOCK, PrefixCache, _common_prefix, _KV
+
+    class Layer:
+        is_initialized = True
+        keys = values = torch.zeros(1, 1, 1, 2)  # 8 bytes each: an entry is 16 bytes
+
+    class Cache:
+        layers = [Layer()]
+
+    rng = random.Random(0)
+    template = list(range(1, 6))
+    stored = []
+    cache = PrefixCache(16 * 150)
+    for i in range(400):
+        if stored and rng.random() < 0.3:  # a later turn of an earlier conversation
+            keys = rng.choice(stored) + [rng.randrange(50) for _ in range(rng.randrange(1, 40))]
+        else:
+            keys = template + [("img", i, j) for j in range(17)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
+        stored.append(keys)
+        cache.store(_KV(Cache(), keys))
+    assert cache.bytes == 16 * len(cache.entries) <= 16 * 150
+    held = [kv.keys for kv, _ in cache.entries.values()]
+    for keys in [s + [99] for s in rng.sample(stored, 60)] + [template + [("img", -1, 0)] * 20]:
+        best = max((_common_prefix(k, keys) for k in held), default=0)
+        found = cache.lookup(keys)
+        if best >= PREFIX_BLOCK:
+            assert found is not None and _common_prefix(found.keys, keys) == best
+        else:  # less than one block in common: not worth reusing
+            assert found is None
+    # no entry is a prefix of another, and the index names exactly the entries held
+    assert not any(a is not b and len(a) <= len(b) and b[: len(a)] == a for a in held for b in held)
+    assert set().union(*cache._blocks.values()) == set(cache.entries) == set(cache._chains)

@@ -315,21 +315,31 @@ class PrefixCache:
 
     Bytes are counted per entry (keys and values of every layer); entries that share tensors (a conversation's
     later turn extends its earlier one) are counted twice, so the budget is an upper bound.
+
+    Found through a chain of block hashes (the keys of positions 0-15, then 0-31, ..., as vLLM keys its prefix
+    blocks): a lookup walks its own chain to the deepest block some entry shares and compares keys with those
+    entries only, so it costs the prompt's length, not the number of entries (thousands for a small model).
+    Hand-written: no library keeps a prefix index over transformers caches.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, tuple[_KV, int]] = OrderedDict()
+        self.bytes = 0
         self._next = 0
-
-    @property
-    def bytes(self) -> int:
-        return sum(size for _, size in self.entries.values())
+        self._blocks: dict[int, set[int]] = {}  # block-chain hash -> entries whose keys start with that prefix
+        self._chains: dict[int, list[int]] = {}  # entry -> its chain
+        self._ends: dict[int, set[int]] = {}  # the last hash of an entry's chain -> those entries
 
     def lookup(self, keys: list) -> _KV | None:
+        found: set[int] = set()
+        for h in _chain(keys):
+            if h not in self._blocks:
+                break
+            found = self._blocks[h]
         best, length = None, 0
-        for key, (kv, _) in self.entries.items():
-            n = _common_prefix(kv.keys, keys)
+        for key in found:
+            n = _common_prefix(self.entries[key][0].keys, keys)
             if n > length:
                 best, length = key, n
         if best is None:
@@ -340,17 +350,52 @@ class PrefixCache:
     def store(self, kv: _KV) -> None:
         if kv.cache is None or not kv.keys:
             return
-        for key, (old, _) in list(self.entries.items()):  # an entry this one extends is no longer needed
+        chain = _chain(kv.keys)
+        if not chain:  # shorter than a block: never worth reusing (MIN_REUSE)
+            return
+        # an entry this one extends is no longer needed: its chain is a prefix of this one's
+        for key in [k for h in chain for k in self._ends.get(h, ())]:
+            old = self.entries[key][0]
             if len(old.keys) <= len(kv.keys) and old.keys == kv.keys[: len(old.keys)]:
-                del self.entries[key]
+                self._drop(key)
         size = sum(t.numel() * t.element_size() for layer in kv.cache.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
         if size > self.max_bytes:
             return
-        self.entries[self._next] = (kv, size)
-        self._next += 1
+        key, self._next = self._next, self._next + 1
+        self.entries[key] = (kv, size)
+        self.bytes += size
+        self._chains[key] = chain
+        self._ends.setdefault(chain[-1], set()).add(key)
+        for h in chain:
+            self._blocks.setdefault(h, set()).add(key)
         while self.bytes > self.max_bytes:
-            self.entries.popitem(last=False)
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        _, size = self.entries.pop(key)
+        self.bytes -= size
+        chain = self._chains.pop(key)
+        self._ends[chain[-1]].discard(key)
+        if not self._ends[chain[-1]]:
+            del self._ends[chain[-1]]
+        for h in chain:
+            held = self._blocks[h]
+            held.discard(key)
+            if not held:
+                del self._blocks[h]
+
+
+PREFIX_BLOCK = MIN_REUSE  # a match shorter than one block is not reused anyway
+
+
+def _chain(keys: list) -> list[int]:
+    """Hashes of keys[:16], keys[:32], ... (whole blocks only), each from the one before and its block."""
+    chain, h = [], 0
+    for start in range(0, len(keys) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+        h = hash((h, tuple(keys[start : start + PREFIX_BLOCK])))
+        chain.append(h)
+    return chain
 
 
 @dataclass
