@@ -52,6 +52,8 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8", *extra], MAX_QUEUE) as (url8, pid8), \
                 _server(model, Path(tmp) / "b1.log", ["--max-batch", "1", *extra], MAX_QUEUE) as (url1, pid1):
             servers, pids = {8: url8, 1: url1}, {8: pid8, 1: pid1}
+            for url in servers.values():  # warm-up, not timed: a server's first requests are slower
+                asyncio.run(_load(url, 2, 4, -1))
             rss = {b: {"before": _rss_mb(pid)} for b, pid in pids.items()}
             runs: dict = {b: {c: [] for c in CLIENTS} for b in servers}
             load_before = os.getloadavg()
@@ -73,8 +75,8 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         "setup": {"rounds": ROUNDS, "requests_per_client_per_round": CLIENTS, "max_tokens": MAX_TOKENS,
                   "max_queue": MAX_QUEUE, "server_threads": THREADS,
                   "server_args": os.environ.get("SEECHAT_BENCH_SERVE_ARGS", ""), "client": "aiohttp", "streaming": "every other request", "image": "64x64 PNG, data: URL, one per request",
-                  "on_429": "wait Retry-After, send again", "order": "rounds of 1, 8, 32 clients, each on "
-                  "--max-batch 8 then --max-batch 1"},
+                  "on_429": "wait Retry-After, send again", "order": "a warm-up of 8 requests on each server, then rounds "
+                  "of 1, 8, 32 clients, each on --max-batch 8 then --max-batch 1"},
         "requests_per_second": {f"max_batch_{b}": {str(c): t["requests_per_second"] for c, t in per.items()}
                                 for b, per in table.items()},
         "ratios": {
