@@ -229,7 +229,8 @@ class ChatEngine:
             for row in rows:
                 todo, entries, skip, here = row.inputs
                 part = torch.cat([e.embeds for e in entries])[skip : skip + here] if here else None
-                row.todo, row.inputs = self.model.embed(todo, None if part is None else part.to(self.model.device)), None
+                part = None if part is None else part.to(self.model.device)
+                row.todo, row.inputs = self.model.embed(todo, part), None
 
     def _fit(self, state: "ChatState", settings: GenerationSettings, reply: Reply):
         """Drop the oldest exchanges until the prompt and the answer's room fit (the rule in the module docstring).

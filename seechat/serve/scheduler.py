@@ -17,10 +17,11 @@ generation).
 
 Continuous batching: the worker keeps one decode Batch (chat/decode.py) of up to max_batch answers. Between two
 decoding steps it takes every waiting job there is room for, encodes their images in one call, prefills their
-prompts in one forward (each reusing the prefix cache as far as it holds its prompt) and lets them join; an answer that is done leaves at once, and its client gets its end and its
-slot back. Each answer keeps its own sampling settings, seed, stop strings, token limit, stream and cancellation,
-and greedy answers are those of the same request alone. max_batch 1 answers one request at a time. A newcomer's
-prefill holds up the others' next token (no chunked prefill).
+prompts in one forward (each reusing the prefix cache as far as it holds its prompt) and lets them join; an
+answer that is done leaves at once, and its client gets its end and its slot back. Each answer keeps its own
+sampling settings, seed, stop strings, token limit, stream and cancellation, and greedy answers are those of the
+same request alone. max_batch 1 answers one request at a time. A newcomer's prefill holds up the others' next
+token (no chunked prefill). The events of a step go to the event loop together (one wake-up per step).
 """
 
 from __future__ import annotations
