@@ -41,8 +41,9 @@ class Plan:
     """Sizes and step counts of one build (fixed counts, not time limits, so a seed gives the same result)."""
 
     n_train: int = 10000
-    n_multi_train: int = 1500
-    """Training conversations over 2-3 one-shape pictures (drawn from the training pictures)."""
+    n_multi_train: int = 3000
+    """Training conversations over 2-3 one-shape pictures (drawn from the training pictures); 1,500 -> 3,000 went
+    with which-picture 62.5% -> 85% (in the same build as other changes)."""
     multi_share: float = 0.5
     """Share of scenes with 2-4 shapes."""
     n_val: int = 100
@@ -348,7 +349,7 @@ def _all_texts(seed: int) -> list[str]:
     ones = [s for s in world.sample_scenes(seed, "vocabulary3", 30)]
     for _ in range(60):
         texts += [m["value"] for m in world.multi_conversation(rng.sample(ones, 3), rng)]
-    return texts + ["它是红色的，所以是的。它在中间，所以不是。第三张最后一张都没有都有都是一样不一样"]
+    return texts + ["它是红色的，所以是的。它在中间，所以不是。第三张最后一张都没有都有都是一样不一样问的是"]
 
 
 _DATA_README = """# Toy world data
