@@ -31,6 +31,9 @@ def test_scenes_of_several_shapes_and_their_questions():
         region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
         named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
         assert region == pytest.approx(named.box, abs=0.04)
+        asked = re.search("(.色的(?:圆形|正方形|三角形|星形))", qs["exist"]["question"]).group(1)  # repeated, then the verdict
+        assert qs["exist"]["answer"].startswith(f"问的是{asked}。图中是")
+        assert qs["exist"]["answer"].endswith("所以有。" if asked in {s.name for s in scene.shapes} else "所以没有。")
         if "图形" in qs["counting"]["question"] and "的" not in qs["counting"]["question"]:
             assert qs["counting"]["answer"] == world.count_answer(len(scene.shapes))
         # the description lists the shapes in reading order, and the boxes after it follow the same order
@@ -45,6 +48,12 @@ def test_scenes_of_several_shapes_and_their_questions():
     scene = world.make_scene(rng, "红色", "三角形", "右下角")
     qs = {q["type"]: q for q in world.questions(scene, rng)}
     assert (qs["colour"]["answer"], qs["shape"]["answer"], qs["position"]["answer"]) == ("红色。", "三角形。", "右下角。")
+    for _ in range(20):
+        q = world.yesno(scene, rng)
+        asked = re.search("这是(.+)的吗|这是一个(.+)吗|它在(.+)吗", q["question"])
+        asked = next(a for a in asked.groups() if a)
+        assert q["answer"].startswith("问的是" + asked)
+        assert q["answer"].endswith("所以是的。" if asked in ("红色", "三角形", "右下角") else "所以不是。")
     x0, y0, x1, y1 = scene.main.box
     assert (x0 + x1) / 2 > 32 and (y0 + y1) / 2 > 32 and parse_boxes(qs["refer"]["answer"])[0].ref == "红色的三角形"
     assert parse_boxes(qs["refer"]["answer"])[0].to_pixels(64, 64) == pytest.approx(scene.main.box, abs=0.04)
