@@ -24,8 +24,12 @@ class VisionConfig:
 
     name_or_path: str = ""
     """Hub id or local path of a CLIP, Chinese-CLIP, SigLIP or BLIP-2 checkpoint (full or vision-only)."""
-    feature_layer: int = -2
-    """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2)."""
+    feature_layer: int | list[int] = -2
+    """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2), or a list of layers whose features
+    are concatenated along channels (multi-level features: e.g. [8, -1] for a CNN gives an early map, which keeps
+    colour, beside the last one, which knows shapes). A ViT's layers share one token grid; a CNN's maps are averaged
+    down to the grid of the coarsest listed map first. For a CNN, layer 0 is the stem's map, then one per block,
+    and -1 the head's."""
     post_layernorm: bool = False
     """Apply the vision model's post-layernorm to that layer (BLIP-2 feeds its Q-Former this way)."""
     keep_cls: bool = False
@@ -37,6 +41,14 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLING:
             raise ConfigError(f"vision.pool must be one of {list(POOLING)}, got {self.pool!r}")
+        if isinstance(self.feature_layer, list) and (not self.feature_layer
+                                                     or len(set(self.feature_layer)) < len(self.feature_layer)):
+            raise ConfigError(f"vision.feature_layer as a list needs distinct layers, got {self.feature_layer}")
+
+    @property
+    def layers(self) -> list[int]:
+        """feature_layer as a list (one layer or several)."""
+        return list(self.feature_layer) if isinstance(self.feature_layer, list) else [self.feature_layer]
 
 
 @dataclass

@@ -108,6 +108,10 @@ def test_vision_feature_options(experts, red):
     pooled = _build(experts, vision={"feature_layer": 1, "pool": "2x2"}).vision(pixels)
     grid = ref[1][:, 1:].reshape(1, 4, 4, 32)
     torch.testing.assert_close(pooled[0, 0], grid[0, :2, :2].mean(dim=(0, 1)))
+    # several layers (multi-level features): concatenated along channels, the bridge widened to match
+    multi = _build(experts, vision={"feature_layer": [1, -1]})
+    assert multi.vision.hidden_size == 64 and multi.vision.num_tokens == 16
+    torch.testing.assert_close(multi.vision(pixels), torch.cat([ref[1][:, 1:], ref[-1][:, 1:]], dim=-1))
 
 
 def test_bad_compositions_name_the_valid_choices(experts):

@@ -60,9 +60,30 @@ def test_frozen_cnn_features_are_cached_per_image(tiny_cnn):
     assert len(expert._cache) == 2
 
 
-def test_cnn_refuses_other_feature_layers_and_vit_refuses_global(tiny_cnn, experts):
-    with pytest.raises(ConfigError, match="feature_layer must be -1"):
-        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-2), tiny_cnn)
+def test_cnn_multi_level_features_join_maps_on_the_coarsest_grid(tiny_cnn):
+    # maps: 0 stem (8 x 64 x 64), 1..5 blocks (..., 4: 24 x 8 x 8, 5: 24 x 4 x 4), 6 head (64 x 4 x 4)
+    expert = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, 4, -1], pool="2x2"), tiny_cnn)
+    pixels = load_image_processor(tiny_cnn)(images=[sample_image(), sample_image((40, 40, 220))],
+                                            return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = expert(pixels)
+        maps = expert.model(pixel_values=pixels, output_hidden_states=True)["hidden_states"]
+    assert expert.hidden_size == 8 + 24 + 64 and expert.num_tokens == 4 and feats.shape == (2, 4, 96)
+    # token 1 = top-right quarter: channels [0, 8) average the stem's top-right 32 x 32, then block 4's, then the head's
+    for (lo, hi), fmap in zip(((0, 8), (8, 32), (32, 96)), (maps[0], maps[4], maps[6])):
+        h, w = fmap.shape[-2:]
+        torch.testing.assert_close(feats[:, 1, lo:hi], fmap[:, :, : h // 2, w // 2:].mean((2, 3)))
+    # one level, not the head: block 5's map alone
+    single = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-2, pool="none"), tiny_cnn)
+    with torch.no_grad():
+        torch.testing.assert_close(single(pixels), maps[5].flatten(2).transpose(1, 2))
+
+
+def test_cnn_refuses_missing_feature_layers_and_vit_refuses_global(tiny_cnn, experts):
+    with pytest.raises(ConfigError, match="feature_layer 7 is out of range: this CNN has 7 maps"):
+        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, 7]), tiny_cnn)
+    with pytest.raises(ConfigError, match="names one map twice"):
+        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[6, -1]), tiny_cnn)
     clip = str(experts["vision"]["clip"])
     with pytest.raises(ConfigError, match="'global' is for CNN"):
         load_vision(VisionConfig(name_or_path=clip, pool="global"), clip)

@@ -11,7 +11,11 @@
 
 A CNN's (C, H, W) feature map becomes H x W tokens of width C; `vision.pool: 2x2` averages 2x2 blocks
 (7x7 -> 4x4, the last row and column averaged alone), `vision.pool: global` keeps one token (the average
-over the map, what the ImageNet classifier sees).
+over the map, what the ImageNet classifier sees). `vision.feature_layer` picks the map: -1 is the head's (the
+default here), 0 the stem's, k the output of block k; a list of them gives multi-level features: each map is
+averaged down to the grid of the coarsest one (adaptive average pooling), and they are concatenated along
+channels before `pool`. ImageNet's deep features are trained to ignore colour (colour augmentation); an earlier
+map keeps it (probe table in seechat/real/README.md).
 """
 
 from __future__ import annotations
@@ -186,16 +190,35 @@ class FeatureMapExpert(nn.Module):
     """A CNN (or timm) backbone as a vision expert: (B, C, H, W) maps -> (B, tokens, C) for the bridge.
 
     Same interface as VisionExpert: hidden_size, num_tokens, dtype, forward(pixel_values), .model.
-    Without gradients and in eval mode (a frozen expert), features are cached per image, up to cache_mb.
+    `maps` lists the (C, H, W) shape of every map `vision.feature_layer` may name (the model's hidden_states), or
+    is None when only the last map is reachable (timm). Without gradients and in eval mode (a frozen expert),
+    features are cached per image, up to cache_mb.
     """
 
     def __init__(self, model: nn.Module, config: VisionConfig, *, channels: int, grid: tuple[int, int],
-                 n_states: int | None = None, cache_mb: int = 512):
+                 maps: list[tuple[int, int, int]] | None = None, cache_mb: int = 512):
         super().__init__()
         self.model = model
         self.config = config
-        self.hidden_size = channels
         self.has_cls = False
+        self.indices: list[int] | None = None  # into hidden_states; None: the last map alone
+        if maps is None:
+            if isinstance(config.feature_layer, list):
+                raise ConfigError(f"vision.feature_layer must be one layer for this backbone (its last "
+                                  f"{channels}-channel map feeds the bridge), got {config.feature_layer}")
+        elif config.layers != [-1]:
+            for layer in config.layers:
+                if not -len(maps) <= layer < len(maps):
+                    raise ConfigError(f"vision.feature_layer {layer} is out of range: this CNN has {len(maps)} maps "
+                                      f"(0 the stem's, -1 the head's, {-len(maps)} to {len(maps) - 1})")
+            self.indices = [layer % len(maps) for layer in config.layers]
+            if len(set(self.indices)) < len(self.indices):
+                raise ConfigError(f"vision.feature_layer {config.feature_layer} names one map twice")
+            chosen = [maps[i] for i in self.indices]
+            channels = sum(c for c, _, _ in chosen)
+            grid = (min(h for _, h, _ in chosen), min(w for _, _, w in chosen))
+        self.hidden_size = channels
+        self.grid = grid
         h, w = grid
         if config.pool == "2x2":
             h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -205,9 +228,6 @@ class FeatureMapExpert(nn.Module):
         self.cache_bytes = cache_mb * 2**20
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
-        if n_states is not None and config.feature_layer != -1:
-            raise ConfigError(f"vision.feature_layer must be -1 (the head's {channels}-channel map) for this CNN, "
-                              f"got {config.feature_layer}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,10 +257,14 @@ class FeatureMapExpert(nn.Module):
         return torch.stack([self._cache[k] for k in keys]).to(pixel_values.device)
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values.to(self.dtype))
-        feats = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
-        if feats.dim() == 3:  # a timm ViT: already tokens
-            return feats
+        if self.indices is None:
+            out = self.model(pixel_values=pixel_values.to(self.dtype))
+            feats = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
+            if feats.dim() == 3:  # a timm ViT: already tokens
+                return feats
+        else:  # multi-level: every listed map averaged down to the coarsest grid, then joined along channels
+            states = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)["hidden_states"]
+            feats = torch.cat([nn.functional.adaptive_avg_pool2d(states[i], self.grid) for i in self.indices], dim=1)
         if self.config.pool == "2x2":
             feats = nn.functional.avg_pool2d(feats, 2, ceil_mode=True)
         elif self.config.pool == "global":
@@ -252,7 +276,12 @@ def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None
     model = EfficientNetLiteModel.from_pretrained(path, dtype=dtype).eval()
     size = model.config.image_size
     grid = math.ceil(size / 32)
-    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), n_states=1).eval()
+    maps = None
+    if config.layers != [-1]:  # the shape of every map, from one pass over a blank picture
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
+            maps = [tuple(s.shape[1:]) for s in model(blank, output_hidden_states=True)["hidden_states"]]
+    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), maps=maps).eval()
 
 
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
