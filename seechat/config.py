@@ -59,6 +59,11 @@ class BridgeConfig:
     """One of: linear, mlp, qformer."""
     depth: int = 2
     """mlp only: number of linear layers, GELU between them (LLaVA-1.5 uses 2)."""
+    norm: bool = False
+    """linear and mlp: a LayerNorm over each token's vision features before the first layer (InternVL's and
+    Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from
+    unit scale (a CNN's ReLU6 map: tokens ~50x the norm of a text embedding, mostly a part shared by every picture)
+    otherwise reach the text expert as huge, nearly identical tokens."""
     num_queries: int = 32
     """qformer only: learned query tokens, which is also the number of image tokens per image."""
     qformer: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +79,8 @@ class BridgeConfig:
             raise ConfigError(f"bridge.depth must be >= 1, got {self.depth}")
         if self.num_queries < 1:
             raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
+        if self.norm and self.type not in ("linear", "mlp"):
+            raise ConfigError(f"bridge.norm applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:
             raise ConfigError("bridge.frozen_qformer needs bridge.qformer_from (a BLIP-2 checkpoint to take it from)")
 

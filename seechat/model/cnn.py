@@ -218,6 +218,8 @@ class FeatureMapExpert(nn.Module):
             channels = sum(c for c, _, _ in chosen)
             grid = (min(h for _, h, _ in chosen), min(w for _, _, w in chosen))
         self.hidden_size = channels
+        self.levels = [c for c, _, _ in chosen] if self.indices is not None else [channels]
+        """The channels of each concatenated map (bridge.norm normalises each level on its own)."""
         self.grid = grid
         h, w = grid
         if config.pool == "2x2":

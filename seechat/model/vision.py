@@ -47,6 +47,8 @@ class VisionExpert(nn.Module):
         self.config = config
         mc = model.config
         self.hidden_size: int = mc.hidden_size * len(config.layers)  # several layers: concatenated along channels
+        self.levels: list[int] = [mc.hidden_size] * len(config.layers)
+        """The channels of each concatenated layer (bridge.norm normalises each level on its own)."""
         self.has_cls = _has_cls(model)
         grid = mc.image_size // mc.patch_size
         if config.pool == "global":
