@@ -26,14 +26,18 @@ class VisionConfig:
     """Hub id or local path of a CLIP, Chinese-CLIP, SigLIP or BLIP-2 checkpoint (full or vision-only)."""
     feature_layer: int | list[int] = -2
     """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2), or a list of layers whose features
-    are concatenated along channels (multi-level features: e.g. [8, -1] for a CNN gives an early map, which keeps
-    colour, beside the last one, which knows shapes). A ViT's layers share one token grid; a CNN's maps are averaged
-    down to the grid of the coarsest listed map first. For a CNN, layer 0 is the stem's map, then one per block,
-    and -1 the head's."""
+    are concatenated along channels (multi-level features: e.g. [0, -1] for a CNN puts its first map, which keeps
+    colour, beside its last one, which knows shapes). A ViT's layers share one token grid; a CNN's finer maps are
+    pooled (level_pool) straight to the token grid: the coarsest listed map's grid after `pool`. For a CNN, layer 0 is the stem's map, then one
+    per block, and -1 the head's."""
     post_layernorm: bool = False
     """Apply the vision model's post-layernorm to that layer (BLIP-2 feeds its Q-Former this way)."""
     keep_cls: bool = False
     """Keep the CLS token in front of the patch tokens (models without one, like SigLIP, ignore this)."""
+    level_pool: str = "avg"
+    """CNN multi-level features only: how a finer map is brought down to the token grid, 'avg' (adaptive average
+    pooling) or 'max' (adaptive max pooling: the strongest response in each cell, e.g. the colour of a small shape
+    on a plain background, whatever its size)."""
     pool: str = "none"
     """Token pooling: 'none', '2x2' (average each 2x2 block of patches: 4x fewer image tokens), or 'global'
     (CNN feature maps only: one token, the average over the map)."""
@@ -41,6 +45,8 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLING:
             raise ConfigError(f"vision.pool must be one of {list(POOLING)}, got {self.pool!r}")
+        if self.level_pool not in ("avg", "max"):
+            raise ConfigError(f"vision.level_pool must be 'avg' or 'max', got {self.level_pool!r}")
         if isinstance(self.feature_layer, list) and (not self.feature_layer
                                                      or len(set(self.feature_layer)) < len(self.feature_layer)):
             raise ConfigError(f"vision.feature_layer as a list needs distinct layers, got {self.feature_layer}")

@@ -73,6 +73,13 @@ def test_cnn_multi_level_features_join_maps_on_the_coarsest_grid(tiny_cnn):
     for (lo, hi), fmap in zip(((0, 8), (8, 32), (32, 96)), (maps[0], maps[4], maps[6])):
         h, w = fmap.shape[-2:]
         torch.testing.assert_close(feats[:, 1, lo:hi], fmap[:, :, : h // 2, w // 2:].mean((2, 3)))
+    # max pooling for the finer maps: the strongest response in each quarter; the head's map still averaged
+    maxed = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, -1], level_pool="max", pool="2x2"),
+                        tiny_cnn)
+    with torch.no_grad():
+        got = maxed(pixels)
+    torch.testing.assert_close(got[:, 1, :8], maps[0][:, :, :32, 32:].amax((2, 3)))
+    torch.testing.assert_close(got[:, 1, 8:], maps[6][:, :, :2, 2:].mean((2, 3)))
     # one level, not the head: block 5's map alone
     single = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-2, pool="none"), tiny_cnn)
     with torch.no_grad():

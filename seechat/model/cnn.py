@@ -11,11 +11,12 @@
 
 A CNN's (C, H, W) feature map becomes H x W tokens of width C; `vision.pool: 2x2` averages 2x2 blocks
 (7x7 -> 4x4, the last row and column averaged alone), `vision.pool: global` keeps one token (the average
-over the map, what the ImageNet classifier sees). `vision.feature_layer` picks the map: -1 is the head's (the
-default here), 0 the stem's, k the output of block k; a list of them gives multi-level features: each map is
-averaged down to the grid of the coarsest one (adaptive average pooling), and they are concatenated along
-channels before `pool`. ImageNet's deep features are trained to ignore colour (colour augmentation); an earlier
-map keeps it (probe table in seechat/real/README.md).
+over the map, what the ImageNet classifier sees). `vision.feature_layer` picks the map: -1 is the head's,
+0 the stem's, k the output of block k; a list of them gives multi-level features: each map is brought down to
+the token grid (the coarsest map's grid after `pool`) by adaptive average pooling, or max pooling with
+`vision.level_pool: max`, and they are concatenated along channels. ImageNet-trained deep maps keep little colour (colour
+augmentation, and averaging a small shape with its background); the stem's map, max-pooled, keeps it (see the
+probe table in README.md, "Real pretrained experts on a CPU").
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ class FeatureMapExpert(nn.Module):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         elif config.pool == "global":
             h, w = 1, 1
+        self.token_grid = (h, w)
         self.num_tokens: int = h * w
         self.cache_bytes = cache_mb * 2**20
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
@@ -264,14 +266,22 @@ class FeatureMapExpert(nn.Module):
             feats = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
             if feats.dim() == 3:  # a timm ViT: already tokens
                 return feats
-        else:  # multi-level: every listed map averaged down to the coarsest grid, then joined along channels
-            states = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)["hidden_states"]
-            feats = torch.cat([nn.functional.adaptive_avg_pool2d(states[i], self.grid) for i in self.indices], dim=1)
+            return self._pool(feats).flatten(2).transpose(1, 2)
+        # multi-level: maps on the coarsest grid take `pool`; finer ones are pooled (level_pool) straight to the
+        # token grid; then they are joined along channels
+        states = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)["hidden_states"]
+        down = (nn.functional.adaptive_max_pool2d if self.config.level_pool == "max"
+                else nn.functional.adaptive_avg_pool2d)
+        levels = [self._pool(m) if tuple(m.shape[-2:]) == self.grid else down(m, self.token_grid)
+                  for m in (states[i] for i in self.indices)]
+        return torch.cat(levels, dim=1).flatten(2).transpose(1, 2)
+
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if self.config.pool == "2x2":
-            feats = nn.functional.avg_pool2d(feats, 2, ceil_mode=True)
-        elif self.config.pool == "global":
-            feats = feats.mean((2, 3), keepdim=True)
-        return feats.flatten(2).transpose(1, 2)
+            return nn.functional.avg_pool2d(fmap, 2, ceil_mode=True)
+        if self.config.pool == "global":
+            return fmap.mean((2, 3), keepdim=True)
+        return fmap
 
 
 def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
