@@ -195,6 +195,23 @@ def test_easy_vqa_questions_become_one_conversation_per_picture():
     assert conversations(rows, seed=1) == convs and conversations(rows, seed=2) != convs  # seeded order
 
 
+def test_easy_vqa_questions_become_single_turns_with_yes_no_balanced():
+    from seechat.real.build import questions
+
+    rows = ([{"image": "images/1.png", "question": "what color is the shape?", "answer": "red"}]
+            + [{"image": "images/1.png", "question": q, "answer": a} for q, a in
+               [("is there a red shape?", "yes"), ("is no circle present?", "no"), ("is there a blue shape?", "no"),
+                ("does the image not contain a teal shape?", "yes"), ("is a triangle present?", "no"),
+                ("is there not a gray shape?", "yes")]])
+    qs = questions(rows, seed=3)
+    asked = {(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs}
+    # both questions about what is there, the colour question, and 2 of the 4 about what is not
+    assert {("<image>\nis there a red shape?", "yes"), ("<image>\nis no circle present?", "no"),
+            ("<image>\nwhat color is the shape?", "red")} <= asked and len(qs) == 5
+    assert all(len(q["conversations"]) == 2 and q["image"] == "images/1.png" for q in qs)
+    assert questions(rows, seed=3) == qs
+
+
 # -- the real experts (make test-real) --------------------------------------------------------------------
 @pytest.mark.real
 def test_real_experts_compose_take_a_stage1_step_and_answer(tmp_path, monkeypatch):
