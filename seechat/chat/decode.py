@@ -164,6 +164,34 @@ class Batch:
         self._finish(self._advance(rows, self._pick(rows, out.logits[:, -1])))
 
     @torch.no_grad()
+    def fill_shared(self, rows: list[Row], prefix: int, images: list[int], image_embeds: torch.Tensor) -> None:
+        """`fill` for fresh prompts whose first `prefix` ids are the same in every row and hold each row's only
+        image (many questions about a few pictures, as an evaluation asks them): that start is prefilled once per
+        distinct picture (`images[i]`: row i's picture, indexing `image_embeds` (pictures, N, D)), its keys and
+        values shared by the picture's rows, then the rest of every prompt is prefilled together, padded on the
+        left of that rest (the mask covers the hole). The same answers as `fill` for about a third less work."""
+        if self.rows:
+            raise RuntimeError("fill starts an empty batch")
+        model, device = self.model, self.model.device
+        start = torch.tensor([rows[0].ids[:prefix]] * image_embeds.shape[0], device=device)
+        self.cache = DynamicCache(config=self.llm.config)
+        self.llm(inputs_embeds=model.embed(start, image_embeds), cache=self.cache, use_cache=True, logits_to_keep=1)
+        pick = torch.tensor(images, device=device)
+        for layer in self.cache.layers:
+            if _holds(layer):
+                layer.keys, layer.values = layer.keys.index_select(0, pick), layer.values.index_select(0, pick)
+        ids, rest = left_padded([r.ids[prefix:] for r in rows], pad_id(model), device)
+        mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long, device=device), rest], 1)
+        positions = prefix + (rest.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=positions, cache=self.cache,
+                       use_cache=True, logits_to_keep=1)
+        self.mask = None if bool(rest.all()) else mask
+        self.rows = list(rows)
+        for row in rows:
+            self._ready(row)
+        self._finish(self._advance(rows, self._pick(rows, out.logits[:, -1])))
+
+    @torch.no_grad()
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that finished (they have left the batch)."""
         rows, device = self.rows, self.model.device
