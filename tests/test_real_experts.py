@@ -195,21 +195,26 @@ def test_easy_vqa_questions_become_one_conversation_per_picture():
     assert conversations(rows, seed=1) == convs and conversations(rows, seed=2) != convs  # seeded order
 
 
-def test_easy_vqa_questions_become_single_turns_with_yes_no_balanced():
+def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
     from seechat.real.build import questions
 
-    rows = ([{"image": "images/1.png", "question": "what color is the shape?", "answer": "red"}]
+    rows = ([{"image": "images/1.png", "question": "what color is the shape?", "answer": "red"},
+             {"image": "images/1.png", "question": "what shape is this?", "answer": "circle"}]
             + [{"image": "images/1.png", "question": q, "answer": a} for q, a in
                [("is there a red shape?", "yes"), ("is no circle present?", "no"), ("is there a blue shape?", "no"),
                 ("does the image not contain a teal shape?", "yes"), ("is a triangle present?", "no"),
                 ("is there not a gray shape?", "yes")]])
     qs = questions(rows, seed=3)
-    asked = {(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs}
-    # both questions about what is there, the colour question, and 2 of the 4 about what is not
-    assert {("<image>\nis there a red shape?", "yes"), ("<image>\nis no circle present?", "no"),
-            ("<image>\nwhat color is the shape?", "red")} <= asked and len(qs) == 5
+    asked = [(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs]
+    # both open questions, and as many of the 6 yes/no ones
+    assert {("<image>\nwhat color is the shape?", "red"), ("<image>\nwhat shape is this?", "circle")} <= set(asked)
+    assert len(qs) == 4 and sum(a in ("yes", "no") for _, a in asked) == 2
     assert all(len(q["conversations"]) == 2 and q["image"] == "images/1.png" for q in qs)
     assert questions(rows, seed=3) == qs
+    # balanced: the 2 yes/no questions drawn from both questions about what is there and 2 of the 4 about what is not
+    present = {"<image>\nis there a red shape?", "<image>\nis no circle present?"}
+    draws = [{q["conversations"][0]["value"] for q in questions(rows, seed=s, balance_yes_no=True)} for s in range(20)]
+    assert sum(len(d & present) for d in draws) > 15  # 1 of 2 yes/no draws on average, vs 2 of 6 unbalanced
 
 
 # -- the real experts (make test-real) --------------------------------------------------------------------
