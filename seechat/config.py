@@ -24,12 +24,20 @@ class VisionConfig:
 
     name_or_path: str = ""
     """Hub id or local path of a CLIP, Chinese-CLIP, SigLIP or BLIP-2 checkpoint (full or vision-only)."""
-    feature_layer: int = -2
-    """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2)."""
+    feature_layer: int | list[int] = -2
+    """Which hidden layer feeds the bridge (-1 is the last layer; LLaVA uses -2), or a list of layers whose features
+    are concatenated along channels (multi-level features: e.g. [0, -1] for a CNN puts its first map, which keeps
+    colour, beside its last one, which knows shapes). A ViT's layers share one token grid; a CNN's finer maps are
+    pooled (level_pool) straight to the token grid: the coarsest listed map's grid after `pool`. For a CNN, layer 0 is the stem's map, then one
+    per block, and -1 the head's."""
     post_layernorm: bool = False
     """Apply the vision model's post-layernorm to that layer (BLIP-2 feeds its Q-Former this way)."""
     keep_cls: bool = False
     """Keep the CLS token in front of the patch tokens (models without one, like SigLIP, ignore this)."""
+    level_pool: str = "avg"
+    """CNN multi-level features only: how a finer map is brought down to the token grid, 'avg' (adaptive average
+    pooling) or 'max' (adaptive max pooling: the strongest response in each cell, e.g. the colour of a small shape
+    on a plain background, whatever its size)."""
     pool: str = "none"
     """Token pooling: 'none', '2x2' (average each 2x2 block of patches: 4x fewer image tokens), or 'global'
     (CNN feature maps only: one token, the average over the map)."""
@@ -37,6 +45,16 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLING:
             raise ConfigError(f"vision.pool must be one of {list(POOLING)}, got {self.pool!r}")
+        if self.level_pool not in ("avg", "max"):
+            raise ConfigError(f"vision.level_pool must be 'avg' or 'max', got {self.level_pool!r}")
+        if isinstance(self.feature_layer, list) and (not self.feature_layer
+                                                     or len(set(self.feature_layer)) < len(self.feature_layer)):
+            raise ConfigError(f"vision.feature_layer as a list needs distinct layers, got {self.feature_layer}")
+
+    @property
+    def layers(self) -> list[int]:
+        """feature_layer as a list (one layer or several)."""
+        return list(self.feature_layer) if isinstance(self.feature_layer, list) else [self.feature_layer]
 
 
 @dataclass
@@ -47,6 +65,11 @@ class BridgeConfig:
     """One of: linear, mlp, qformer."""
     depth: int = 2
     """mlp only: number of linear layers, GELU between them (LLaVA-1.5 uses 2)."""
+    norm: bool = False
+    """linear and mlp: a LayerNorm over each token's vision features before the first layer (InternVL's and
+    Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from
+    unit scale (a CNN's ReLU6 map: tokens ~50x the norm of a text embedding, mostly a part shared by every picture)
+    otherwise reach the text expert as huge, nearly identical tokens."""
     num_queries: int = 32
     """qformer only: learned query tokens, which is also the number of image tokens per image."""
     qformer: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +85,8 @@ class BridgeConfig:
             raise ConfigError(f"bridge.depth must be >= 1, got {self.depth}")
         if self.num_queries < 1:
             raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
+        if self.norm and self.type not in ("linear", "mlp"):
+            raise ConfigError(f"bridge.norm applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:
             raise ConfigError("bridge.frozen_qformer needs bridge.qformer_from (a BLIP-2 checkpoint to take it from)")
 

@@ -55,6 +55,23 @@ def test_batched_greedy_equals_one_by_one_with_eager_attention(experts, red, blu
     assert [r.token_ids for r in batch] == [r.token_ids for r in single]
 
 
+def test_questions_about_few_pictures_prefill_each_picture_once(experts, red, blue, monkeypatch):
+    from seechat.chat.decode import Batch
+
+    model = _model(experts, "llama")  # SmolLM2's architecture
+    images, prompts = [red, blue, red, red, blue], [*PROMPTS, "红色的形状？"]
+    starts = []
+    fill_shared = Batch.fill_shared
+    monkeypatch.setattr(Batch, "fill_shared", lambda self, rows, prefix, pictures, embeds: (
+        starts.append((prefix, pictures, embeds.shape[0])), fill_shared(self, rows, prefix, pictures, embeds))[1])
+    batch = generate_batch(model, images, prompts, max_new_tokens=8)
+    single = _one_by_one(model, images, prompts, max_new_tokens=8)
+    (prefix, pictures, distinct), = starts  # the shared start was prefilled for the 2 pictures, not 5 rows
+    assert pictures == [0, 1, 0, 0, 1] and distinct == 2 and prefix > model.num_image_tokens
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.text for r in batch] == [r.text for r in single]
+
+
 def test_rows_that_end_early_are_cut_at_their_end_token(experts, red, blue):
     model = _model(experts)
     images, prompts = [red, blue, None], ["图里有什么？", "颜色", "详细描述这张图片"]

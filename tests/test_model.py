@@ -108,6 +108,36 @@ def test_vision_feature_options(experts, red):
     pooled = _build(experts, vision={"feature_layer": 1, "pool": "2x2"}).vision(pixels)
     grid = ref[1][:, 1:].reshape(1, 4, 4, 32)
     torch.testing.assert_close(pooled[0, 0], grid[0, :2, :2].mean(dim=(0, 1)))
+    # several layers (multi-level features): concatenated along channels, the bridge widened to match
+    multi = _build(experts, vision={"feature_layer": [1, -1]})
+    assert multi.vision.hidden_size == 64 and multi.vision.num_tokens == 16
+    torch.testing.assert_close(multi.vision(pixels), torch.cat([ref[1][:, 1:], ref[-1][:, 1:]], dim=-1))
+
+
+def test_bridge_norm_normalises_each_feature_level_on_its_own(experts, red, tmp_path):
+    from seechat.model.bridges import build_bridge
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 96)
+    loud = feats.clone()
+    loud[..., 8:32] *= 100  # one level 100x louder, as a CNN's early map beside its head
+    per_level = build_bridge(BridgeConfig(type="mlp", norm=True), 96, 32, levels=[8, 24, 64])
+    torch.testing.assert_close(per_level(loud), per_level(feats), atol=1e-4, rtol=1e-4)
+    whole = build_bridge(BridgeConfig(type="mlp", norm=True), 96, 32)  # one LayerNorm over all 96 channels
+    assert not torch.allclose(whole(loud), whole(feats), atol=1e-2)
+    with pytest.raises(ConfigError, match="bridge.norm applies to the linear and mlp bridges"):
+        BridgeConfig(type="qformer", norm=True)
+    # composed: the levels come from the vision expert, and the LayerNorms are saved with the bridge
+    cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"], vision={"feature_layer": [1, -1]})
+    cfg.bridge.norm = True
+    model = seechat.build(cfg, device="cpu")
+    assert model.bridge.norm.levels == [32, 32]
+    with torch.no_grad():
+        model.bridge.norm.norms[1].weight.fill_(0.5)  # as if trained
+        pixels = model.processor.pixel_values([red])
+        model.save(tmp_path / "m")
+        torch.testing.assert_close(seechat.load(tmp_path / "m", device="cpu").encode_images(pixels),
+                                   model.encode_images(pixels))
 
 
 def test_bad_compositions_name_the_valid_choices(experts):

@@ -60,9 +60,37 @@ def test_frozen_cnn_features_are_cached_per_image(tiny_cnn):
     assert len(expert._cache) == 2
 
 
-def test_cnn_refuses_other_feature_layers_and_vit_refuses_global(tiny_cnn, experts):
-    with pytest.raises(ConfigError, match="feature_layer must be -1"):
-        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-2), tiny_cnn)
+def test_cnn_multi_level_features_join_maps_on_the_coarsest_grid(tiny_cnn):
+    # maps: 0 stem (8 x 64 x 64), 1..5 blocks (..., 4: 24 x 8 x 8, 5: 24 x 4 x 4), 6 head (64 x 4 x 4)
+    expert = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, 4, -1], pool="2x2"), tiny_cnn)
+    pixels = load_image_processor(tiny_cnn)(images=[sample_image(), sample_image((40, 40, 220))],
+                                            return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = expert(pixels)
+        maps = expert.model(pixel_values=pixels, output_hidden_states=True)["hidden_states"]
+    assert expert.hidden_size == 8 + 24 + 64 and expert.num_tokens == 4 and feats.shape == (2, 4, 96)
+    # token 1 = top-right quarter: channels [0, 8) average the stem's top-right 32 x 32, then block 4's, then the head's
+    for (lo, hi), fmap in zip(((0, 8), (8, 32), (32, 96)), (maps[0], maps[4], maps[6])):
+        h, w = fmap.shape[-2:]
+        torch.testing.assert_close(feats[:, 1, lo:hi], fmap[:, :, : h // 2, w // 2:].mean((2, 3)))
+    # max pooling for the finer maps: the strongest response in each quarter; the head's map still averaged
+    maxed = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, -1], level_pool="max", pool="2x2"),
+                        tiny_cnn)
+    with torch.no_grad():
+        got = maxed(pixels)
+    torch.testing.assert_close(got[:, 1, :8], maps[0][:, :, :32, 32:].amax((2, 3)))
+    torch.testing.assert_close(got[:, 1, 8:], maps[6][:, :, :2, 2:].mean((2, 3)))
+    # one level, not the head: block 5's map alone
+    single = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-2, pool="none"), tiny_cnn)
+    with torch.no_grad():
+        torch.testing.assert_close(single(pixels), maps[5].flatten(2).transpose(1, 2))
+
+
+def test_cnn_refuses_missing_feature_layers_and_vit_refuses_global(tiny_cnn, experts):
+    with pytest.raises(ConfigError, match="feature_layer 7 is out of range: this CNN has 7 maps"):
+        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[0, 7]), tiny_cnn)
+    with pytest.raises(ConfigError, match="names one map twice"):
+        load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=[6, -1]), tiny_cnn)
     clip = str(experts["vision"]["clip"])
     with pytest.raises(ConfigError, match="'global' is for CNN"):
         load_vision(VisionConfig(name_or_path=clip, pool="global"), clip)
@@ -165,6 +193,28 @@ def test_easy_vqa_questions_become_one_conversation_per_picture():
         pairs = {(turns[j]["value"].removeprefix("<image>\n"), turns[j + 1]["value"]) for j in range(0, len(turns), 2)}
         assert pairs == {(r["question"], r["answer"]) for r in rows if r["image"] == c["image"]}
     assert conversations(rows, seed=1) == convs and conversations(rows, seed=2) != convs  # seeded order
+
+
+def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
+    from seechat.real.build import questions
+
+    rows = ([{"image": "images/1.png", "question": "what color is the shape?", "answer": "red"},
+             {"image": "images/1.png", "question": "what shape is this?", "answer": "circle"}]
+            + [{"image": "images/1.png", "question": q, "answer": a} for q, a in
+               [("is there a red shape?", "yes"), ("is no circle present?", "no"), ("is there a blue shape?", "no"),
+                ("does the image not contain a teal shape?", "yes"), ("is a triangle present?", "no"),
+                ("is there not a gray shape?", "yes")]])
+    qs = questions(rows, seed=3)
+    asked = [(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs]
+    # both open questions, and as many of the 6 yes/no ones
+    assert {("<image>\nwhat color is the shape?", "red"), ("<image>\nwhat shape is this?", "circle")} <= set(asked)
+    assert len(qs) == 4 and sum(a in ("yes", "no") for _, a in asked) == 2
+    assert all(len(q["conversations"]) == 2 and q["image"] == "images/1.png" for q in qs)
+    assert questions(rows, seed=3) == qs
+    # balanced: the 2 yes/no questions drawn from both questions about what is there and 2 of the 4 about what is not
+    present = {"<image>\nis there a red shape?", "<image>\nis no circle present?"}
+    draws = [{q["conversations"][0]["value"] for q in questions(rows, seed=s, balance_yes_no=True)} for s in range(20)]
+    assert sum(len(d & present) for d in draws) > 15  # 1 of 2 yes/no draws on average, vs 2 of 6 unbalanced
 
 
 # -- the real experts (make test-real) --------------------------------------------------------------------

@@ -67,21 +67,38 @@ def generate_batch(
     with torch.no_grad():
         cache = image_cache if image_cache is not None else ImageCache()
         image_embeds = cache.encode(model, present).flatten(0, 1) if present else None
+    prefix = _image_prefix(model, rows) if len(present) == len(rows) > 1 else 0
+    if prefix:  # every prompt starts alike and holds its picture there: that start is prefilled once per picture
+        digests = [image_digest(im) for im in pil]
+        order = list(dict.fromkeys(digests))
+        firsts = [digests.index(d) for d in order]
+        per_row = image_embeds.reshape(len(rows), -1, image_embeds.shape[-1])
+        return decode_together(model, rows, per_row[firsts], settings, max_new,
+                               shared=(prefix, [order.index(d) for d in digests]))
     return decode_together(model, rows, image_embeds, settings, max_new)
 
 
 def decode_together(model: SeeChat, rows: list[list[int]], image_embeds, settings: GenerationSettings,
-                    max_new: int) -> list[Reply]:
-    """Answer fresh prompts (token ids, image embeddings in row order) in one batch of the engine's decode loop."""
+                    max_new: int, shared: tuple[int, list[int]] | None = None) -> list[Reply]:
+    """Answer fresh prompts (token ids, image embeddings in row order) in one batch of the engine's decode loop.
+    `shared` = (prefix, picture of each row): the rows' first `prefix` ids are alike and hold their pictures, and
+    image_embeds has one entry per distinct picture (Batch.fill_shared)."""
     replies = [Reply(prompt_tokens=len(r), prefill_tokens=len(r)) for r in rows]
     group = Batch(model, max_rows=len(rows)).capacity  # 1 for text experts with sliding-window layers
+    todo = [Row(r, None, settings, max_new, reply) for r, reply in zip(rows, replies)]
+    if shared is not None and group == len(rows):
+        batch = Batch(model, max_rows=group)
+        batch.fill_shared(todo, shared[0], shared[1], image_embeds)
+        while batch.rows:
+            batch.step()
+        return replies
+    if shared is not None:  # one entry per picture -> one per row, flat
+        image_embeds = image_embeds[shared[1]].flatten(0, 1)
     per_row = [0] + list(itertools.accumulate(r.count(model.image_token_id) for r in rows))
     for start in range(0, len(rows), group):
         end = min(start + group, len(rows))
         batch = Batch(model, max_rows=group)
-        embeds = None if image_embeds is None else image_embeds[per_row[start] : per_row[end]]
-        batch.fill([Row(r, None, settings, max_new, reply) for r, reply in zip(rows[start:end], replies[start:end])],
-                   embeds)
+        batch.fill(todo[start:end], None if image_embeds is None else image_embeds[per_row[start] : per_row[end]])
         while batch.rows:
             batch.step()
     return replies
@@ -125,6 +142,18 @@ def _render(model: SeeChat, text: str, with_image: bool, history: list | None = 
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
     return model.processor.render(messages, num_images=int(with_image), add_generation_prompt=True).input_ids
+
+
+def _image_prefix(model: SeeChat, rows: list[list[int]]) -> int:
+    """How many leading ids every row shares, when each row's image tokens all lie inside them and every row has
+    more after them (0 otherwise): the start a batch can prefill once per picture."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    image = model.image_token_id
+    inside = all(image not in r[n:] for r in rows) and image in rows[0][:n]
+    return n if inside else 0
 
 
 def _room(model: SeeChat, rows: list[list[int]], settings: GenerationSettings) -> int:

@@ -198,6 +198,27 @@ class Batch:
         self.join(rows)
 
     @torch.no_grad()
+    def fill_shared(self, rows: list[Row], prefix: int, images: list[int], image_embeds: torch.Tensor) -> None:
+        """`fill` for fresh prompts whose first `prefix` ids are the same in every row and hold each row's only
+        image (many questions about a few pictures, as an evaluation asks them): that start is prefilled once per
+        distinct picture (`images[i]`: row i's picture, indexing `image_embeds` (pictures, N, D)), and each row
+        joins with its picture's keys and values as its cache and the rest of its prompt to prefill (`join`).
+        The same answers as `fill` for about a third less work."""
+        if self.rows:
+            raise RuntimeError("fill starts an empty batch")
+        model, device = self.model, self.model.device
+        start = torch.tensor([rows[0].ids[:prefix]] * image_embeds.shape[0], device=device)
+        shared = DynamicCache(config=self.llm.config)
+        self.llm(inputs_embeds=model.embed(start, image_embeds), cache=shared, use_cache=True, logits_to_keep=1)
+        for row, picture in zip(rows, images):
+            row.cache = fork_cache(shared)
+            for layer in row.cache.layers:
+                if _holds(layer):
+                    layer.keys, layer.values = layer.keys[picture : picture + 1], layer.values[picture : picture + 1]
+            row.todo = model.embed(torch.tensor([row.ids[prefix:]], device=device))
+        self.join(rows)
+
+    @torch.no_grad()
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that finished (they have left the batch)."""
         rows, device = self.rows, self.model.device

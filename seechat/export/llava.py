@@ -21,6 +21,8 @@ def check_exportable(model: SeeChat) -> None:
         reasons.append(f"the bridge is {cfg.bridge.type!r}"
                        + (f" of depth {cfg.bridge.depth}" if cfg.bridge.type == "mlp" else "")
                        + ", but LLaVA's projector is exactly a 2-layer GELU MLP (bridge type mlp, depth 2)")
+    if cfg.bridge.norm:
+        reasons.append("bridge.norm puts a LayerNorm in front of the bridge, which LLaVA's projector lacks")
     if cfg.vision.pool != "none":
         reasons.append(f"vision.pool {cfg.vision.pool!r} pools image tokens, which LLaVA cannot express")
     if cfg.vision.post_layernorm:

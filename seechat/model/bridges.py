@@ -15,25 +15,42 @@ from ..errors import ConfigError
 from .hub import loading, resolve
 
 
+class LevelNorm(nn.Module):
+    """A LayerNorm over each level's channels of every token (bridge.norm): `levels` lists the channel counts of
+    the vision features concatenated along channels (one entry unless vision.feature_layer lists several layers),
+    so a level of large values cannot drown the others."""
+
+    def __init__(self, levels: list[int]):
+        super().__init__()
+        self.levels = list(levels)
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.levels)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        parts = feats.split(self.levels, dim=-1)
+        return torch.cat([norm(part) for norm, part in zip(self.norms, parts)], dim=-1)
+
+
 class LinearBridge(nn.Module):
     """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
 
-    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int):
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
         super().__init__()
+        self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
         self.proj = nn.Linear(vision_dim, llm_dim)
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(feats)
+        return self.proj(self.norm(feats) if self.norm is not None else feats)
 
 
 class MLPBridge(nn.Module):
     """`depth` linear layers with GELU between them, per image token (LLaVA-1.5: depth 2)."""
 
-    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int):
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
         super().__init__()
+        self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
         layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]
         for _ in range(config.depth - 1):
             layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
@@ -43,7 +60,7 @@ class MLPBridge(nn.Module):
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.layers(feats)
+        return self.layers(self.norm(feats) if self.norm is not None else feats)
 
 
 class QFormerBridge(nn.Module):
@@ -75,10 +92,15 @@ class QFormerBridge(nn.Module):
 BRIDGES = {"linear": LinearBridge, "mlp": MLPBridge, "qformer": QFormerBridge}
 
 
-def build_bridge(config: BridgeConfig, vision_dim: int, llm_dim: int) -> nn.Module:
+def build_bridge(config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None) -> nn.Module:
+    """The bridge for `vision_dim`-wide features; `levels`: the channels of each concatenated level (bridge.norm)."""
     if config.type not in BRIDGES:
         raise ConfigError(f"unknown bridge type {config.type!r}; valid types are {sorted(BRIDGES)}")
-    return BRIDGES[config.type](config, vision_dim, llm_dim)
+    if levels is not None and sum(levels) != vision_dim:
+        raise ConfigError(f"the vision feature levels {levels} do not add up to {vision_dim} channels")
+    if config.type == "qformer":
+        return QFormerBridge(config, vision_dim, llm_dim)
+    return BRIDGES[config.type](config, vision_dim, llm_dim, levels)
 
 
 def qformer_config_from(source: str, base: str | None = None) -> tuple[dict, int]:

@@ -11,7 +11,12 @@
 
 A CNN's (C, H, W) feature map becomes H x W tokens of width C; `vision.pool: 2x2` averages 2x2 blocks
 (7x7 -> 4x4, the last row and column averaged alone), `vision.pool: global` keeps one token (the average
-over the map, what the ImageNet classifier sees).
+over the map, what the ImageNet classifier sees). `vision.feature_layer` picks the map: -1 is the head's,
+0 the stem's, k the output of block k; a list of them gives multi-level features: each map is brought down to
+the token grid (the coarsest map's grid after `pool`) by adaptive average pooling, or max pooling with
+`vision.level_pool: max`, and they are concatenated along channels. ImageNet-trained deep maps keep little colour (colour
+augmentation, and averaging a small shape with its background); the stem's map, max-pooled, keeps it (see the
+probe table in README.md, "Real pretrained experts on a CPU").
 """
 
 from __future__ import annotations
@@ -186,28 +191,47 @@ class FeatureMapExpert(nn.Module):
     """A CNN (or timm) backbone as a vision expert: (B, C, H, W) maps -> (B, tokens, C) for the bridge.
 
     Same interface as VisionExpert: hidden_size, num_tokens, dtype, forward(pixel_values), .model.
-    Without gradients and in eval mode (a frozen expert), features are cached per image, up to cache_mb.
+    `maps` lists the (C, H, W) shape of every map `vision.feature_layer` may name (the model's hidden_states), or
+    is None when only the last map is reachable (timm). Without gradients and in eval mode (a frozen expert),
+    features are cached per image, up to cache_mb.
     """
 
     def __init__(self, model: nn.Module, config: VisionConfig, *, channels: int, grid: tuple[int, int],
-                 n_states: int | None = None, cache_mb: int = 512):
+                 maps: list[tuple[int, int, int]] | None = None, cache_mb: int = 512):
         super().__init__()
         self.model = model
         self.config = config
-        self.hidden_size = channels
         self.has_cls = False
+        self.indices: list[int] | None = None  # into hidden_states; None: the last map alone
+        if maps is None:
+            if isinstance(config.feature_layer, list):
+                raise ConfigError(f"vision.feature_layer must be one layer for this backbone (its last "
+                                  f"{channels}-channel map feeds the bridge), got {config.feature_layer}")
+        elif config.layers != [-1]:
+            for layer in config.layers:
+                if not -len(maps) <= layer < len(maps):
+                    raise ConfigError(f"vision.feature_layer {layer} is out of range: this CNN has {len(maps)} maps "
+                                      f"(0 the stem's, -1 the head's, {-len(maps)} to {len(maps) - 1})")
+            self.indices = [layer % len(maps) for layer in config.layers]
+            if len(set(self.indices)) < len(self.indices):
+                raise ConfigError(f"vision.feature_layer {config.feature_layer} names one map twice")
+            chosen = [maps[i] for i in self.indices]
+            channels = sum(c for c, _, _ in chosen)
+            grid = (min(h for _, h, _ in chosen), min(w for _, _, w in chosen))
+        self.hidden_size = channels
+        self.levels = [c for c, _, _ in chosen] if self.indices is not None else [channels]
+        """The channels of each concatenated map (bridge.norm normalises each level on its own)."""
+        self.grid = grid
         h, w = grid
         if config.pool == "2x2":
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         elif config.pool == "global":
             h, w = 1, 1
+        self.token_grid = (h, w)
         self.num_tokens: int = h * w
         self.cache_bytes = cache_mb * 2**20
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
-        if n_states is not None and config.feature_layer != -1:
-            raise ConfigError(f"vision.feature_layer must be -1 (the head's {channels}-channel map) for this CNN, "
-                              f"got {config.feature_layer}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,22 +261,39 @@ class FeatureMapExpert(nn.Module):
         return torch.stack([self._cache[k] for k in keys]).to(pixel_values.device)
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values.to(self.dtype))
-        feats = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
-        if feats.dim() == 3:  # a timm ViT: already tokens
-            return feats
+        if self.indices is None:
+            out = self.model(pixel_values=pixel_values.to(self.dtype))
+            feats = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
+            if feats.dim() == 3:  # a timm ViT: already tokens
+                return feats
+            return self._pool(feats).flatten(2).transpose(1, 2)
+        # multi-level: maps on the coarsest grid take `pool`; finer ones are pooled (level_pool) straight to the
+        # token grid; then they are joined along channels
+        states = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)["hidden_states"]
+        down = (nn.functional.adaptive_max_pool2d if self.config.level_pool == "max"
+                else nn.functional.adaptive_avg_pool2d)
+        levels = [self._pool(m) if tuple(m.shape[-2:]) == self.grid else down(m, self.token_grid)
+                  for m in (states[i] for i in self.indices)]
+        return torch.cat(levels, dim=1).flatten(2).transpose(1, 2)
+
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if self.config.pool == "2x2":
-            feats = nn.functional.avg_pool2d(feats, 2, ceil_mode=True)
-        elif self.config.pool == "global":
-            feats = feats.mean((2, 3), keepdim=True)
-        return feats.flatten(2).transpose(1, 2)
+            return nn.functional.avg_pool2d(fmap, 2, ceil_mode=True)
+        if self.config.pool == "global":
+            return fmap.mean((2, 3), keepdim=True)
+        return fmap
 
 
 def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
     model = EfficientNetLiteModel.from_pretrained(path, dtype=dtype).eval()
     size = model.config.image_size
     grid = math.ceil(size / 32)
-    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), n_states=1).eval()
+    maps = None
+    if config.layers != [-1]:  # the shape of every map, from one pass over a blank picture
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
+            maps = [tuple(s.shape[1:]) for s in model(blank, output_hidden_states=True)["hidden_states"]]
+    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), maps=maps).eval()
 
 
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:

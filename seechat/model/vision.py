@@ -46,7 +46,9 @@ class VisionExpert(nn.Module):
         self.model = model
         self.config = config
         mc = model.config
-        self.hidden_size: int = mc.hidden_size
+        self.hidden_size: int = mc.hidden_size * len(config.layers)  # several layers: concatenated along channels
+        self.levels: list[int] = [mc.hidden_size] * len(config.layers)
+        """The channels of each concatenated layer (bridge.norm normalises each level on its own)."""
         self.has_cls = _has_cls(model)
         grid = mc.image_size // mc.patch_size
         if config.pool == "global":
@@ -59,18 +61,22 @@ class VisionExpert(nn.Module):
         self.only_needed_layers = False
         """Run the encoder only up to feature_layer (the same features; seechat train turns it on)."""
         n_layers = mc.num_hidden_layers
-        if not -n_layers - 1 <= config.feature_layer <= n_layers:
-            raise ConfigError(
-                f"vision.feature_layer {config.feature_layer} is out of range for a {n_layers}-layer model "
-                f"(use -1 for the last layer, -2 for the one before)"
-            )
+        for layer in config.layers:
+            if not -n_layers - 1 <= layer <= n_layers:
+                raise ConfigError(
+                    f"vision.feature_layer {layer} is out of range for a {n_layers}-layer model "
+                    f"(use -1 for the last layer, -2 for the one before)"
+                )
+        self.indices = [layer % (n_layers + 1) for layer in config.layers]  # into hidden_states
+        if len(set(self.indices)) < len(self.indices):
+            raise ConfigError(f"vision.feature_layer {config.feature_layer} names one layer twice")
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        index = self.config.feature_layer % (self.model.config.num_hidden_layers + 1)  # into hidden_states
+        index = max(self.indices)  # the deepest layer needed
         encoder = getattr(getattr(self.model, "vision_model", self.model), "encoder", None)
         layers = getattr(encoder, "layers", None)
         if self.only_needed_layers and isinstance(layers, nn.ModuleList) and index < len(layers):
@@ -82,9 +88,10 @@ class VisionExpert(nn.Module):
                 encoder.layers = layers
         else:
             out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
-        feats = out.hidden_states[index]
+        levels = [out.hidden_states[i] for i in self.indices]
         if self.config.post_layernorm:
-            feats = _post_layernorm(self.model)(feats)
+            levels = [_post_layernorm(self.model)(f) for f in levels]
+        feats = torch.cat(levels, dim=-1) if len(levels) > 1 else levels[0]
         cls, patches = (feats[:, :1], feats[:, 1:]) if self.has_cls else (None, feats)
         if self.config.pool == "2x2":
             b, n, d = patches.shape
