@@ -14,7 +14,6 @@ Phases (each skipped when a previous run with the same settings finished it):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -65,8 +64,6 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
           llm: str = "", chat_template: str = "", align_steps: int = 0, instruct_steps: int = 0) -> dict:
     """Run (or reuse) every phase; return the metrics. `llm`: a pretrained text expert to stitch instead of
     the toy LM (Stage II then trains LoRA on it); `align_steps` / `instruct_steps` (> 0) replace the plan's."""
-    import torch
-
     from ..cli_helpers import quiet_hf
 
     quiet_hf()
@@ -77,23 +74,13 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
         plan = dataclasses.replace(plan, align_steps=align_steps)
     if instruct_steps:
         plan = dataclasses.replace(plan, instruct_steps=instruct_steps)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, 1]).encode()).hexdigest()[:16]
     phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
               ("evaluate", _evaluate)]
 
-    def seeded(fn):
-        def phase(timings: dict) -> None:
-            torch.manual_seed(seed)
-            fn(out, plan, seed, timings)
-        return phase
-
-    from ..train.phases import run_phases
+    from ..train.phases import run_seeded_phases
     from .report import write_report
 
-    return run_phases(out, key, [(name, seeded(fn)) for name, fn in phases], label="toy world",
-                      report=write_report, bar=True)
+    return run_seeded_phases(Path(out), plan, seed, 1, phases, label="toy world", report=write_report)
 
 
 # -- phases -----------------------------------------------------------------------------------------------

@@ -54,6 +54,28 @@ def run_phases(out: Path, key: str, phases: list[tuple[str, Callable[[dict], Non
     return metrics
 
 
+def run_seeded_phases(out: Path, plan, seed: int, salt, phases: list[tuple[str, Callable]], *, label: str,
+                      report: Callable[[Path, dict], object]) -> dict:
+    """`run_phases` for a build made from a plan dataclass and a seed (the toy worlds): each phase is called as
+    fn(out, plan, seed, timings) after torch.manual_seed(seed), and the build key is the plan, the seed and
+    `salt` (which tells builds of different worlds apart)."""
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, salt]).encode()).hexdigest()[:16]
+
+    def seeded(fn):
+        def phase(timings: dict) -> None:
+            torch.manual_seed(seed)
+            fn(out, plan, seed, timings)
+        return phase
+
+    return run_phases(out, key, [(name, seeded(fn)) for name, fn in phases], label=label, report=report, bar=True)
+
+
 def plot_phase_losses(out: Path, names: list[tuple[str, str]]) -> Path:
     """out/report_losses.png: one panel per `(phase, title)` from out/losses/PHASE.json (empty when missing)."""
     import matplotlib.pyplot as plt

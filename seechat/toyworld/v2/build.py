@@ -18,7 +18,6 @@ Phases (each skipped when a previous run with the same settings finished it):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -91,29 +90,17 @@ MAX_LENGTH = 320
 
 def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None) -> dict:
     """Run (or reuse) every phase; return the metrics."""
-    import torch
-
     from ...cli_helpers import quiet_hf
 
     quiet_hf()
     plan = plan or (QUICK if quick else FULL)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(plan), seed, "v2"]).encode()).hexdigest()[:16]
     phases = [("data", _data), ("vision", _vision), ("llm", _llm), ("align", _align), ("instruct", _instruct),
               ("evaluate", _evaluate)]
 
-    def seeded(fn):
-        def phase(timings: dict) -> None:
-            torch.manual_seed(seed)
-            fn(out, plan, seed, timings)
-        return phase
-
-    from ...train.phases import run_phases
+    from ...train.phases import run_seeded_phases
     from .report import write_report
 
-    return run_phases(out, key, [(name, seeded(fn)) for name, fn in phases], label="toy world",
-                      report=write_report, bar=True)
+    return run_seeded_phases(Path(out), plan, seed, "v2", phases, label="toy world", report=write_report)
 
 
 # -- phases -----------------------------------------------------------------------------------------------
