@@ -126,11 +126,11 @@ class Batch:
         past = [0 if r.cache is None else r.cache.get_seq_length() for r in rows]
         new = [r.todo.shape[1] for r in rows]
         width, longest = max(past), max(new)
-        cache = _stack([r.cache for r in rows], past, [1] * len(rows), self.llm.config)
         right = self._prefill_right(rows, new) if width == 0 and min(new) < longest else None
         if right is not None:
             logits, mask, cache = right
         else:
+            cache = _stack([r.cache for r in rows], past, [1] * len(rows), self.llm.config)
             mask = torch.zeros(len(rows), width + longest, dtype=torch.long, device=device)
             for i, (p, n) in enumerate(zip(past, new)):
                 mask[i, width - p : width] = 1
