@@ -28,6 +28,7 @@ class ExpertSizes:
     vision_hidden: int = 128
     vision_layers: int = 4
     patch_size: int = 16
+    """16: a 4x4 grid of patches; 8: an 8x8 grid, which the bridge reads 2x2-pooled (the same 16 tokens)."""
     text_hidden: int = 96
     llm_hidden: int = 128
     llm_layers: int = 3

@@ -1,17 +1,11 @@
-"""The toy world's tiny experts, trained by seechat's own code and saved in Hugging Face format.
-
-- vision: a CLIPModel (vision + text towers) trained contrastively on the world's image-caption pairs.
-  The whole CLIPModel is saved, so `seechat` loads its vision tower by the same code path as a real CLIP,
-  and its text tower can score image-caption relevance for the win-rate evaluation.
-- llm: a GLM-architecture causal LM (in honour of the original's ChatGLM) with a per-character Chinese
-  tokenizer and the glm4 chat template, pretrained on the world's text (descriptions and conversations
-  in which the description stands where the picture will later be).
+"""Toy world v2's tiny experts: v1's sizes, LM and training loop (seechat.toyworld.experts), with a tokenizer
+that has every box coordinate as one token and a CLIP that also learns, through linear heads dropped afterwards,
+what is where on the patches the bridge reads (`DenseHeads`).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,19 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...tiny import train_tokenizer
-from ..experts import _cosine
+from ..experts import ExpertSizes, _cosine
 from . import world
-
-
-@dataclass
-class ExpertSizes:
-    vision_hidden: int = 128
-    vision_layers: int = 4
-    patch_size: int = 16
-    """16: a 4x4 grid of patches; 8: an 8x8 grid, which the bridge reads 2x2-pooled (the same 16 tokens)."""
-    text_hidden: int = 96
-    llm_hidden: int = 128
-    llm_layers: int = 3
 
 
 def make_tokenizers(texts: list[str]):
