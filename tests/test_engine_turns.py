@@ -14,9 +14,9 @@ from seechat.tiny import sample_image, tiny_config
 DESCRIBE = "详细描述这张图片"
 
 
-def _model(experts, **kw):
+def _model(experts, device="cpu", **kw):
     torch.manual_seed(0)
-    return seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"], **kw), device="cpu")
+    return seechat.build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"], **kw), device=device)
 
 
 def _run(engine, turns):
@@ -150,7 +150,9 @@ def _run_with(engine, turns, settings):
     return out
 
 
-def test_turns_with_and_without_cached_history_joining_together_answer_as_alone(experts):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_turns_with_and_without_cached_history_joining_together_answer_as_alone(experts, device):
     # What `seechat serve` does when several requests wait: they begin together, their images are encoded in one
     # call and their prompts prefilled in one forward; one brings 2 cached turns, one a new picture, one no picture.
     # Each must get the tokens it gets alone, and its conversation must go on from the batched turn as from a
@@ -158,7 +160,7 @@ def test_turns_with_and_without_cached_history_joining_together_answer_as_alone(
     from seechat.chat.decode import Batch
     from seechat.chat.engine import ChatState, Reply
 
-    model = _model(experts)
+    model = _model(experts, device)
     settings = GenerationSettings(max_new_tokens=8)
     long = [(DESCRIBE, sample_image((220, 40, 40))), ("它在哪里？", None)]
 

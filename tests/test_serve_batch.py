@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 
 import seechat
 from seechat.chat.engine import ChatEngine
@@ -34,9 +35,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return seechat.load(tiny_model_dir, device="cpu")
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif("not torch.cuda.is_available()",
+                                                                    reason="needs CUDA")])
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def model(tiny_model_dir, request):
+    return seechat.load(tiny_model_dir, device=request.param)
 
 
 @pytest.fixture
