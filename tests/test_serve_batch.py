@@ -10,6 +10,7 @@ made: it joins the running batch and ends first (continuous batching).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from unittest.mock import patch
 
 import httpx
 import openai
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import seechat
+from seechat.chat.decode import Batch
 from seechat.chat.engine import ChatEngine
 from seechat.errors import ConfigError
 from seechat.serve.api import ServeArgs, create_app
@@ -202,3 +204,51 @@ def test_bad_settings_still_get_4xx_with_batching(engine):
 def test_max_batch_must_be_positive():
     with pytest.raises(ConfigError, match="max_batch"):
         ServeArgs(max_batch=0)
+
+
+def test_newcomers_wait_for_company_at_most_wait_steps_and_join_at_once_when_as_many_as_the_running(tiny_model_dir):
+    # Two long answers run; one newcomer waits `wait_steps` decoding steps before it joins (a join costs one vision
+    # call and one prefill forward, whether one request joins or several); two newcomers (as many as the running
+    # answers) join at the first step boundary. Every answer is still its greedy answer alone.
+    from seechat.chat.engine import ChatState, GenerationSettings
+    from seechat.serve.scheduler import Scheduler
+
+    model = seechat.load(tiny_model_dir, device="cpu")
+    model.stop_token_ids = []  # no end token: each answer runs to its max_new_tokens
+    engine = ChatEngine(model)
+    questions = ["讲一个很长的故事", "再讲一个", "你好", "这是什么？", "几个？"]
+    alone = [engine.conversation().ask(q, max_new_tokens=n) for q, n in zip(questions, [200, 200, 3, 3, 3])]
+    scheduler = Scheduler(engine, max_queue=8, max_batch=8, wait_steps=5)
+    steps, log = [0], []
+    step, take, join = Batch.step, scheduler._take, scheduler._join
+
+    def counted(self):
+        steps[0] += 1
+        return step(self)
+
+    scheduler._take = lambda job: (log.append(("taken", steps[0])), take(job))[1]
+    scheduler._join = lambda batch, taken, jobs: (log.append(("joined", steps[0], len(taken))), join(batch, taken, jobs))[1]
+
+    def ask_(question, n):
+        return "".join(scheduler.stream(ChatState.of([{"role": "user", "content": question}], []),
+                                        GenerationSettings(max_new_tokens=n)))
+
+    with patch.object(Batch, "step", counted), ThreadPoolExecutor(5) as pool:
+        with engine.lock:
+            long = [pool.submit(ask_, q, 200) for q in questions[:2]]
+            _until(lambda: scheduler.status()["in_queue"] == 2, "the long questions did not arrive")
+        _until(lambda: steps[0] >= 3, "the long answers did not start")
+        one = pool.submit(ask_, questions[2], 3).result(WAIT)
+        _until(lambda: steps[0] >= 15, "the long answers stopped")
+        with engine.lock:  # the two arrive between the same two steps
+            two = [pool.submit(ask_, q, 3) for q in questions[3:]]
+            _until(lambda: scheduler.status()["in_queue"] == 4, "the two questions did not arrive")
+            at = steps[0]
+        answers = [f.result(WAIT) for f in [*long, *two]]
+    scheduler.close()
+    assert [one, *answers[2:]] == alone[2:] and answers[:2] == alone[:2]
+    joins = [entry for entry in log if entry[0] == "joined"]
+    assert [j[2] for j in joins] == [2, 1, 2]  # the long pair, the lone newcomer, the pair of newcomers
+    lone_taken = [entry[1] for entry in log if entry[0] == "taken"][2]
+    assert joins[1][1] == lone_taken + 5  # it waited 5 steps for company, then joined alone
+    assert joins[2][1] == at  # as many as the running answers: no waiting

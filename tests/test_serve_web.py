@@ -87,7 +87,8 @@ def test_tabs_asking_at_once_decode_together_and_get_their_answers_alone(tiny_mo
                 futures = [pool.submit(lambda a: list(chat.respond(a[0], [], None, images[a[1]], *SETTINGS))[-1], a)
                            for a in asks]
                 deadline = time.monotonic() + WAIT
-                while engine.runner.status()["running"] < len(asks) and time.monotonic() < deadline:
+                while engine.runner.status()["in_queue"] < len(asks):  # all admitted: one taken, three queued
+                    assert time.monotonic() < deadline, "the tabs' questions did not all arrive"
                     time.sleep(0.02)
                 engine.lock.release()
                 try:

@@ -45,7 +45,7 @@ from . import protocol
 from .guard import CrossSiteGuard
 from .messages import ImagePolicy, to_engine
 from .protocol import APIError, ChatCompletionRequest, ImagePart
-from .scheduler import QueueFull, Scheduler
+from .scheduler import WAIT_STEPS, QueueFull, Scheduler
 
 log = logging.getLogger("seechat")
 
@@ -78,6 +78,11 @@ class ServeArgs:
         default=8,
         metadata={"help": "Most answers decoded together; new requests join the running batch between steps "
                           "(1: one at a time)."},
+    )
+    batch_wait_steps: int = field(
+        default=WAIT_STEPS,
+        metadata={"help": "Most decoding steps a new request waits for others before it joins a running batch (they "
+                          "join at once when they are as many as the running answers; 0: always at once)."},
     )
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image accepted, in MB (larger: 413)."})
     max_images: int = field(default=8, metadata={"help": "Most images in one request."})
@@ -118,6 +123,7 @@ class ServeArgs:
             (0 <= self.port <= 65535, "port must be in 0..65535"),
             (self.max_queue >= 1, "max_queue must be >= 1"),
             (self.max_batch >= 1, "max_batch must be >= 1"),
+            (self.batch_wait_steps >= 0, "batch_wait_steps must be >= 0"),
             (self.max_image_mb > 0, "max_image_mb must be > 0"),
             (self.max_images >= 0, "max_images must be >= 0"),
             (self.max_decoded_mpixels > 0, "max_decoded_mpixels must be > 0"),
@@ -164,7 +170,7 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
     policy.min_side = needed_side(engine.model.processor.image_processor)
     if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
         engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
-    scheduler = Scheduler(engine, args.max_queue, args.max_batch)
+    scheduler = Scheduler(engine, args.max_queue, args.max_batch, args.batch_wait_steps)
     body_limit = body_limit_for(policy)
     created = int(time.time())
 

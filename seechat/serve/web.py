@@ -26,7 +26,7 @@ from ..chat.engine import ChatEngine, Conversation, GenerationSettings
 from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..data.images import load_image, needed_side
 from ..errors import ConfigError, SeeChatError
-from .scheduler import QueueFull, Scheduler
+from .scheduler import WAIT_STEPS, QueueFull, Scheduler
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -47,6 +47,10 @@ class WebArgs:
     max_batch: int = field(
         default=8, metadata={"help": "Most answers generated together (1: one at a time); more join between steps."}
     )
+    batch_wait_steps: int = field(
+        default=WAIT_STEPS, metadata={"help": "Most decoding steps a new question waits for others before it joins "
+                                              "the answers being generated (0: at once)."}
+    )
     session_idle_minutes: float = field(
         default=30.0, metadata={"help": "A tab's conversation is freed after this many minutes without a question."}
     )
@@ -55,8 +59,8 @@ class WebArgs:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in 0..65535")
-        if self.max_image_mb <= 0 or self.max_queue < 1 or self.max_batch < 1:
-            raise ConfigError("max_image_mb must be > 0, max_queue >= 1 and max_batch >= 1")
+        if self.max_image_mb <= 0 or self.max_queue < 1 or self.max_batch < 1 or self.batch_wait_steps < 0:
+            raise ConfigError("max_image_mb must be > 0, max_queue >= 1, max_batch >= 1 and batch_wait_steps >= 0")
         if self.session_idle_minutes <= 0 or self.max_sessions < 1:
             raise ConfigError("session_idle_minutes must be > 0 and max_sessions >= 1")
 
@@ -280,7 +284,8 @@ def main(argv: list[str]) -> int:
         log.warning("the page listens on %s: anyone who can reach this address can use the model", args.host)
     engine = ChatEngine(load_model(load_args))
     # every tab's answers go through one scheduler: they decode together, up to max_batch (continuous batching)
-    engine.runner = Scheduler(engine, max_queue=args.max_queue, max_batch=args.max_batch)
+    engine.runner = Scheduler(engine, max_queue=args.max_queue, max_batch=args.max_batch,
+                              wait_steps=args.batch_wait_steps)
     page = build_page(engine, defaults, args)
     page.queue(default_concurrency_limit=args.max_batch, max_size=args.max_queue)
     log.info("web page at http://%s:%d", args.host, args.port)
