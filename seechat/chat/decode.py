@@ -56,8 +56,9 @@ class Row:
     max_new: int
     reply: "Reply"
     cancel: threading.Event = field(default_factory=threading.Event)
-    on_piece: Callable[[str], None] = lambda text: None
-    """Gets the answer's text as it is made (held back while it could still be the start of a stop string)."""
+    on_piece: Callable[[str], None] | None = None
+    """Gets the answer's text as it is made (held back while it could still be the start of a stop string). With
+    None and no stop strings the text is decoded once, when the row is done (as generate's callers decode)."""
     on_finish: Callable[["Row", DynamicCache | None], None] = lambda row, cache: None
     """Called once when the row is done: with the row's own KV cache (prompt and answer but the last token)
     when `keep_cache`, else None. `reply` holds the text, tokens and finish reason by then."""
@@ -347,6 +348,10 @@ class _Stream:
         if row.cancel.is_set():
             return _Stream.finish(row, row.text, "cancelled")
         row.tokens.append(token)
+        if row.on_piece is None and not settings.stop:  # nobody reads the text before the end: decode it then
+            done = token in stop_ids or len(row.tokens) >= row.max_new
+            return done and _Stream.finish(row, tok.decode(row.tokens, skip_special_tokens=True),
+                                           "stop" if token in stop_ids else "length")
         line = tok.decode(row.tokens[row.line_start :], skip_special_tokens=True)
         text = row.text + line
         if line.endswith("\n"):
@@ -358,6 +363,8 @@ class _Stream:
             return _Stream.finish(row, text, "stop")
         if len(row.tokens) >= row.max_new:
             return _Stream.finish(row, text, "length")
+        if row.on_piece is None:
+            return False
         hold = max((len(s) for s in settings.stop), default=1) - 1
         safe = len(text) - hold
         while safe > row.sent and text[safe - 1] == "\ufffd":  # half a character: wait for the rest
@@ -373,7 +380,7 @@ class _Stream:
         reply = row.reply
         reply.text, reply.finish_reason = text, reason
         reply.token_ids, reply.completion_tokens = list(row.tokens), len(row.tokens)
-        if reason != "cancelled" and len(text) > row.sent:
+        if reason != "cancelled" and len(text) > row.sent and row.on_piece is not None:
             row.on_piece(text[row.sent :])
             row.sent = len(text)
         return True

@@ -177,7 +177,7 @@ class ChatEngine:
         *,
         reply: Reply | None = None,
         cancel: threading.Event | None = None,
-        on_piece=lambda text: None,
+        on_piece=None,
         on_finish=lambda row: None,
         encode: bool = True,
     ) -> Row:

@@ -298,7 +298,7 @@ class Scheduler:
                 job.status = "running"
             try:
                 row = self.engine.begin(job.state, job.settings, reply=job.reply, cancel=job.cancelled,
-                                        on_piece=lambda text, job=job: job._send("piece", text),
+                                        on_piece=self._sender(job),
                                         on_finish=lambda row: self._end(jobs.pop(id(row)), None), encode=False)
             except Exception as exc:
                 self._end(job, exc)
@@ -316,6 +316,11 @@ class Scheduler:
             for row in rows:
                 if id(row) in jobs and not row.done:
                     self._end(jobs.pop(id(row)), exc)
+
+    @staticmethod
+    def _sender(job: Job):
+        """What gets a job's text pieces: none for a job that wants the whole answer (decoded once, at its end)."""
+        return (lambda text: job._send("piece", text)) if job.stream else None
 
     def _count_batched(self, running: list[Job]) -> None:
         """Stats: `batches` counts the times two or more answers began decoding together (one count until the
