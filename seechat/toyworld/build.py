@@ -53,6 +53,9 @@ class Plan:
     """A pretrained text expert (folder, hub id or .gguf) instead of the toy LM trained here; it learns with LoRA."""
     chat_template: str = ""
     """The built-in chat template for `llm` when its tokenizer has none (a base model's GGUF: e.g. gemma)."""
+    image_token: str = ""
+    """The token that holds image positions, when not `<image>`: one of `llm`'s own reserved tokens (Gemma's
+    `<unused0>`) leaves its embedding table as it is, so the LoRA adapter saves no copy of it."""
 
 
 FULL = Plan()
@@ -61,7 +64,8 @@ QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=300, cli
 
 
 def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None,
-          llm: str = "", chat_template: str = "", align_steps: int = 0, instruct_steps: int = 0) -> dict:
+          llm: str = "", chat_template: str = "", image_token: str = "", align_steps: int = 0,
+          instruct_steps: int = 0) -> dict:
     """Run (or reuse) every phase; return the metrics. `llm`: a pretrained text expert to stitch instead of
     the toy LM (Stage II then trains LoRA on it); `align_steps` / `instruct_steps` (> 0) replace the plan's."""
     from ..cli_helpers import quiet_hf
@@ -69,7 +73,8 @@ def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: 
     quiet_hf()
     plan = plan or (QUICK if quick else FULL)
     if llm:
-        plan = dataclasses.replace(plan, llm=llm, chat_template=chat_template, instruct_llm="lora")
+        plan = dataclasses.replace(plan, llm=llm, chat_template=chat_template, image_token=image_token,
+                                   instruct_llm="lora")
     if align_steps:
         plan = dataclasses.replace(plan, align_steps=align_steps)
     if instruct_steps:
@@ -152,7 +157,8 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "output_dir": str(out / "align"),
         "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
                              "keep_cls": plan.keep_cls},
-                  "bridge": {"type": "mlp", "depth": 2}, "llm": _llm_config(out, plan)},
+                  "bridge": {"type": "mlp", "depth": 2}, "llm": _llm_config(out, plan),
+                  **({"image_token": plan.image_token} if plan.image_token else {})},
         "data": {"train": [{"path": str(out / "data/train/captions.jsonl")}],
                  "prompts": world.QUESTIONS["description"], "max_length": 256},
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,

@@ -12,7 +12,7 @@ from ..errors import SeeChatError
 
 WORLDS = {"v1": "runs/toyworld", "v2": "runs/toyworld_v2"}  # world -> default --out
 USAGE = ("usage: seechat toyworld build [--world v1|v2] [--out runs/toyworld] [--seed 0] [--quick] "
-         "[--llm PATH --chat-template NAME]")
+         "[--llm PATH --chat-template NAME --image-token TOKEN]")
 
 
 @dataclass
@@ -31,12 +31,17 @@ class BuildArgs:
     instruct_steps: int = field(default=0, metadata={"help": "v1: Stage II steps instead of the plan's (0: the plan's)."})
     chat_template: str = field(default="", metadata={
         "help": "The built-in chat template for --llm when its tokenizer has none (gemma for Gemma's base GGUF)."})
+    image_token: str = field(default="", metadata={
+        "help": "v1 with --llm: a reserved token of the text expert to hold image positions instead of a new "
+                "<image> token (<unused0> for Gemma: its 262k-row embedding table then stays as it is)."})
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
             raise SeeChatError(f"--world must be one of {', '.join(WORLDS)}, got {self.world!r}")
-        if (self.llm or self.chat_template or self.align_steps or self.instruct_steps) and self.world != "v1":
-            raise SeeChatError("--llm, --chat-template, --align-steps and --instruct-steps work with --world v1 only")
+        if (self.llm or self.chat_template or self.image_token or self.align_steps or self.instruct_steps) \
+                and self.world != "v1":
+            raise SeeChatError("--llm, --chat-template, --image-token, --align-steps and --instruct-steps work with "
+                               "--world v1 only")
         if self.align_steps < 0 or self.instruct_steps < 0:
             raise SeeChatError("--align-steps and --instruct-steps must be >= 0 (0: the plan's)")
 
@@ -55,7 +60,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out or WORLDS[args.world])
     if out.exists() and not out.is_dir():
         raise SeeChatError(f"--out {out} is a file: give a directory")
-    extra = {"llm": args.llm, "chat_template": args.chat_template, "align_steps": args.align_steps,
+    extra = {"llm": args.llm, "chat_template": args.chat_template, "image_token": args.image_token,
+             "align_steps": args.align_steps,
              "instruct_steps": args.instruct_steps} if args.world == "v1" else {}
     metrics = build(out, seed=args.seed, quick=args.quick, **extra)
     print(summary(metrics, out))
