@@ -1,8 +1,9 @@
 """`seechat serve --max-batch`: requests per second at 1, 8 and 32 clients, batched (--max-batch 8) and not (1).
 
-Two servers run as subprocesses over the same model (runs/toyworld/model, or a tiny random model built here
+Three servers run as subprocesses over the same model (runs/toyworld/model, or a tiny random model built here
 when that is absent; the result says which): one with --max-batch 8, one with --max-batch 1 (one request at
-a time, the behaviour before batching). The client counts are run in interleaved rounds, alternating the two
+a time, the behaviour before batching), and one with --max-batch 8 --engine-process (the model in a child
+process, HTTP in the server's own; its RSS counts both). The client counts are run in interleaved rounds, alternating the two
 servers, so load from other work on the machine hits both alike; the ratios are the result. Every request asks
 one of four questions about an image of its own (a 64x64 PNG data: URL whose colours encode the request, so
 the prefix cache cannot answer a repeated request; made before the clock starts) for 16 greedy tokens, half of
@@ -37,8 +38,8 @@ import httpx  # noqa: E402
 
 from bench_serve_load import MAX_TOKENS, QUESTIONS, _rss_mb, _server, server_model  # noqa: E402
 
-ROUNDS = 2
-CLIENTS = {1: 16, 8: 4, 32: 2}  # clients -> requests per client, per round
+ROUNDS = 3
+CLIENTS = {1: 32, 8: 12, 32: 4}  # clients -> requests per client, per round (a round of 8 clients: ~1 s)
 MAX_QUEUE = 32
 THREADS = 1  # the servers' --threads: their clients share the 2 cores (two torch threads burnt twice the CPU per request)
 
@@ -50,8 +51,10 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
         servers = {}
         extra = ["--threads", str(THREADS), *os.environ.get("SEECHAT_BENCH_SERVE_ARGS", "").split()]
         with _server(model, Path(tmp) / "b8.log", ["--max-batch", "8", *extra], MAX_QUEUE) as (url8, pid8), \
-                _server(model, Path(tmp) / "b1.log", ["--max-batch", "1", *extra], MAX_QUEUE) as (url1, pid1):
-            servers, pids = {8: url8, 1: url1}, {8: pid8, 1: pid1}
+                _server(model, Path(tmp) / "b1.log", ["--max-batch", "1", *extra], MAX_QUEUE) as (url1, pid1), \
+                _server(model, Path(tmp) / "p8.log", ["--max-batch", "8", "--engine-process", *extra],
+                        MAX_QUEUE) as (urlp, pidp):
+            servers, pids = {8: url8, 1: url1, "p8": urlp}, {8: pid8, 1: pid1, "p8": pidp}
             for url in servers.values():  # warm-up, not timed: a server's first requests are slower
                 asyncio.run(_load(url, 2, 4, -1))
             rss = {b: {"before": _rss_mb(pid)} for b, pid in pids.items()}
@@ -63,9 +66,10 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
                     for batch, url in servers.items():
                         run_, answers[batch] = asyncio.run(_load(url, clients, per_client, n))
                         runs[batch][clients].append(run_)
-                    same = [k for k in answers[8] if k in answers[1]]
-                    runs[8][clients][-1]["answers_unlike_single"] = sum(answers[8][k] != answers[1][k] for k in same)
-                    runs[8][clients][-1]["answers_compared"] = len(same)
+                    for b in (8, "p8"):
+                        same = [k for k in answers[b] if k in answers[1]]
+                        runs[b][clients][-1]["answers_unlike_single"] = sum(answers[b][k] != answers[1][k] for k in same)
+                        runs[b][clients][-1]["answers_compared"] = len(same)
             health = {b: httpx.get(f"{u}/health").json() for b, u in servers.items()}
             for b, pid in pids.items():
                 rss[b].update(after=_rss_mb(pid), peak=_rss_mb(pid, "VmHWM"))
@@ -76,7 +80,7 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
                   "max_queue": MAX_QUEUE, "server_threads": THREADS,
                   "server_args": os.environ.get("SEECHAT_BENCH_SERVE_ARGS", ""), "client": "aiohttp", "streaming": "every other request", "image": "64x64 PNG, data: URL, one per request",
                   "on_429": "wait Retry-After, send again", "order": "a warm-up of 8 requests on each server, then rounds "
-                  "of 1, 8, 32 clients, each on --max-batch 8 then --max-batch 1"},
+                  "of 1, 8, 32 clients, each on --max-batch 8, --max-batch 1, then --max-batch 8 --engine-process"},
         "requests_per_second": {f"max_batch_{b}": {str(c): t["requests_per_second"] for c, t in per.items()}
                                 for b, per in table.items()},
         "ratios": {
@@ -86,6 +90,11 @@ def run(model_dir: str | os.PathLike | None = None) -> dict:
                                                      / table[8][1]["requests_per_second"], 2),
             "batch8_over_batch1_at_8_clients": round(table[8][8]["requests_per_second"]
                                                      / table[1][8]["requests_per_second"], 2),
+            "engine_process_8_clients_over_its_1_client": round(table["p8"][8]["requests_per_second"]
+                                                                / table["p8"][1]["requests_per_second"], 2),
+            "engine_process_8_clients_over_best_1_client": round(
+                table["p8"][8]["requests_per_second"]
+                / max(table[b][1]["requests_per_second"] for b in table), 2),
         },
         "runs": {f"max_batch_{b}": {str(c): t for c, t in per.items()} for b, per in table.items()},
         "server_health_after": {f"max_batch_{b}": h for b, h in health.items()},
@@ -199,13 +208,16 @@ def summary(result: dict) -> str:
     ]
     for b, per in result["runs"].items():
         for c, r in per.items():
-            rows.append(f"| {b.removeprefix('max_batch_')} | {c} | {r['answered']}/{r['requests']} | {r['errors']} | "
+            label = "8, --engine-process" if b == "max_batch_p8" else b.removeprefix("max_batch_")
+            rows.append(f"| {label} | {c} | {r['answered']}/{r['requests']} | {r['errors']} | "
                         f"{r['deliberate_429s']} | {r['answers_unlike_single']}/{r['answers_compared']} | {r['requests_per_second']} "
                         f"({', '.join(map(str, r['requests_per_second_by_round']))}) |")
     ratios = result["ratios"]
     rows.append(f"\n--max-batch 8: 8 clients get {ratios['batch8_8_clients_over_1_client']}x the requests/s of 1 "
                 f"client, 32 clients {ratios['batch8_32_clients_over_1_client']}x; at 8 clients --max-batch 8 gets "
-                f"{ratios['batch8_over_batch1_at_8_clients']}x the requests/s of --max-batch 1.")
+                f"{ratios['batch8_over_batch1_at_8_clients']}x the requests/s of --max-batch 1. With --engine-process: "
+                f"8 clients get {ratios['engine_process_8_clients_over_its_1_client']}x its own 1-client rate and "
+                f"{ratios['engine_process_8_clients_over_best_1_client']}x the best 1-client rate of the three servers.")
     for b, r in result.get("server_rss_mb", {}).items():
         rows.append(f"Server RSS ({b.replace('_', ' ')}): {r['before']} MB before the runs, {r['after']} MB after "
                     f"(peak {r['peak']} MB).")

@@ -117,10 +117,20 @@ def _server(model: Path, log: Path, extra: list[str] = (), max_queue: int = MAX_
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory, its child processes' added (`seechat serve --engine-process`)."""
+    total = None
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no {field} for process {pid}")
+            total = int(line.split()[1]) / 1024
+    if total is None:
+        raise RuntimeError(f"no {field} for process {pid}")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in (children.read_text().split() if children.is_file() else []):
+        try:
+            total += _rss_mb(int(child), field)
+        except (OSError, RuntimeError):  # gone meanwhile
+            pass
+    return round(total, 1)
 
 
 def _image_url() -> str:

@@ -45,6 +45,7 @@ from . import protocol
 from .guard import CrossSiteGuard
 from .messages import ImagePolicy, to_engine
 from .protocol import APIError, ChatCompletionRequest, ImagePart
+from .engine_process import EngineGone, EngineProcess
 from .scheduler import WAIT_STEPS, QueueFull, Scheduler
 
 log = logging.getLogger("seechat")
@@ -83,6 +84,11 @@ class ServeArgs:
         default=WAIT_STEPS,
         metadata={"help": "Most decoding steps a new request waits for others before it joins a running batch (they "
                           "join at once when they are as many as the running answers; 0: always at once)."},
+    )
+    engine_process: bool = field(
+        default=False,
+        metadata={"help": "Run the model in a child process and the HTTP side in this one, so each gets a core "
+                          "(Python runs one thread of a process at a time)."},
     )
     max_image_mb: float = field(default=20.0, metadata={"help": "Largest image accepted, in MB (larger: 413)."})
     max_images: int = field(default=8, metadata={"help": "Most images in one request."})
@@ -159,18 +165,23 @@ def read_key_file(path: str) -> str:
     return key
 
 
-def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: GenerationSettings | None = None) -> FastAPI:
-    """The API app over an already-built engine. `defaults` fill in what a request leaves out
-    (temperature 0, greedy, unless the server was started otherwise)."""
+def create_app(engine: ChatEngine | EngineProcess, args: ServeArgs | None = None,
+               defaults: GenerationSettings | None = None) -> FastAPI:
+    """The API app over an already-built engine (or an engine process). `defaults` fill in what a request leaves
+    out (temperature 0, greedy, unless the server was started otherwise)."""
     args = args or ServeArgs()
     defaults = defaults or GenerationSettings()
     name = args.served_model_name or "seechat"
     policy = args.policy()
-    policy.max_text_chars = TEXT_CHARS_PER_TOKEN * engine.model.max_context
-    policy.min_side = needed_side(engine.model.processor.image_processor)
-    if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
-        engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
-    scheduler = Scheduler(engine, args.max_queue, args.max_batch, args.batch_wait_steps)
+    if isinstance(engine, EngineProcess):  # the engine runs in a child process (--engine-process)
+        scheduler, max_context, min_side = engine, engine.max_context, engine.min_side
+    else:
+        if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
+            engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
+        scheduler = Scheduler(engine, args.max_queue, args.max_batch, args.batch_wait_steps)
+        max_context, min_side = engine.model.max_context, needed_side(engine.model.processor.image_processor)
+    policy.max_text_chars = TEXT_CHARS_PER_TOKEN * max_context
+    policy.min_side = min_side
     body_limit = body_limit_for(policy)
     created = int(time.time())
 
@@ -199,6 +210,10 @@ def create_app(engine: ChatEngine, args: ServeArgs | None = None, defaults: Gene
         body = protocol.error_body(f"the server is busy ({args.max_queue} requests in); retry after "
                                    f"{exc.retry_after}s", type="rate_limit_error", code="queue_full")
         return JSONResponse(body, status_code=429, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(EngineGone)
+    async def _engine_gone(request, exc: EngineGone):
+        return JSONResponse(protocol.error_body(str(exc), type="server_error", code="engine_gone"), status_code=503)
 
     @app.exception_handler(SeeChatError)
     async def _seechat_error(request, exc: SeeChatError):
@@ -445,7 +460,12 @@ def main(argv: list[str]) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the model",
                     args.host)
-    app = create_app(ChatEngine(load_model(load_args)), args, defaults)
+    if args.engine_process:
+        engine = EngineProcess(load_args, max_queue=args.max_queue, max_batch=args.max_batch,
+                               wait_steps=args.batch_wait_steps, prefix_cache_mb=args.prefix_cache_mb)
+    else:
+        engine = ChatEngine(load_model(load_args))
+    app = create_app(engine, args, defaults)
     log.info("serving %r at http://%s:%d/v1 (API key %s)", args.served_model_name, args.host, args.port,
              "required" if args.api_key else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

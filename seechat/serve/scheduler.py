@@ -125,7 +125,12 @@ class Job:
 
 
 def _deliver(loop, events: list) -> None:
-    """Hand events to their jobs' queues on `loop`, in one wake-up of the loop."""
+    """Hand events to their jobs' queues on `loop`, in one wake-up of the loop (or to an engine process's outlet,
+    which sends them to the serving process: engine_process.py)."""
+    if hasattr(loop, "deliver"):
+        loop.deliver(events)
+        return
+
     def put() -> None:
         for job, kind, value in events:
             job._events.put_nowait((kind, value))
