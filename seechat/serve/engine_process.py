@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import signal
 import threading
 
 from ..errors import SeeChatError
@@ -230,6 +231,8 @@ def _child(conn, load_args, kwargs: dict) -> None:
     from ..cli_helpers import load_model, setup_logging
     from ..data.images import needed_side
 
+    # Ctrl+C reaches the whole process group: the server handles it and then closes the pipe, which ends this loop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     try:
         engine = ChatEngine(load_model(load_args))
