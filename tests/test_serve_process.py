@@ -93,3 +93,10 @@ def test_a_dead_engine_process_leaves_the_server_up_and_answering_503(tiny_model
                           json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3})
         assert gone.status_code == 503 and "engine process exited" in gone.json()["error"]["message"]
         assert httpx.get(f"{url}/health", timeout=WAIT).status_code == 200
+
+
+def test_a_model_the_engine_process_cannot_load_stops_the_server_with_the_loaders_message(tmp_path):
+    from seechat.errors import SeeChatError
+
+    with pytest.raises(SeeChatError, match="not a seechat model directory"):
+        EngineProcess(LoadArgs(model=str(tmp_path / "missing"), device="cpu"), max_queue=4, max_batch=2)
