@@ -215,6 +215,14 @@ def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
     present = {"<image>\nis there a red shape?", "<image>\nis no circle present?"}
     draws = [{q["conversations"][0]["value"] for q in questions(rows, seed=s, balance_yes_no=True)} for s in range(20)]
     assert sum(len(d & present) for d in draws) > 15  # 1 of 2 yes/no draws on average, vs 2 of 6 unbalanced
+    # plain first: the first 2 questions are an open one and a yes/no one that is not negated; nothing is lost
+    for s in range(10):
+        qs = questions(rows * 3, seed=s, plain_first=2)
+        first = [(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs[:2]]
+        assert sorted(a in ("yes", "no") for _, a in first) == [False, True]
+        assert not any(a in ("yes", "no") and (" not " in q or q.startswith("<image>\nis no ")) for q, a in first)
+        asked = sorted(str(q["conversations"]) for q in questions(rows * 3, seed=s))
+        assert sorted(str(q["conversations"]) for q in qs) == asked
 
 
 # -- the real experts (make test-real) --------------------------------------------------------------------
