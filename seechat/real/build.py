@@ -211,7 +211,8 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     among themselves. With negated and plain questions mixed, "what is asked about is there" says "yes" for one
     half and "no" for the other, so its first gradient cancels out (the answer is an XOR of the picture and the
     wording) and a short run learns only the wording's prior; the plain questions first let the picture matter,
-    and the negated ones then only flip it. The order reaches training only with
+    and the negated ones then only flip it. Those first plain questions are balanced present/absent (as far as
+    the kept questions allow) even without balance_yes_no. The order reaches training only with
     `training.train_sampling_strategy: sequential` (the Trainer shuffles otherwise).
     """
     rng = random.Random(seed)
@@ -220,13 +221,25 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     if balance_yes_no:
         yes_no = [r for negated in (False, True) for r in _balanced(
             [r for r in yes_no if _negated(r["question"]) == negated], rng)]
+    extra: list[dict] = []
+    if plain_first and not balance_yes_no:  # the first plain questions are balanced all the same (they are there
+        # to make the picture matter), drawn from all of them; the rest keep easy-VQA's mix, as the test asks
+        plain = [k for k, r in enumerate(yes_no) if not _negated(r["question"])]
+        n = plain_first - plain_first // 2
+        present = [k for k in plain if yes_no[k]["answer"] == "yes"]
+        present = rng.sample(present, min(n // 2, len(present)))
+        absent = [k for k in plain if yes_no[k]["answer"] == "no"]
+        absent = rng.sample(absent, min(n - len(present), len(absent)))
+        extra = [yes_no[k] for k in present + absent]
+        taken = set(present + absent)
+        yes_no = [r for k, r in enumerate(yes_no) if k not in taken]
     kept = open_qs + rng.sample(yes_no, min(len(open_qs), len(yes_no)))
     rng.shuffle(kept)
     if plain_first:
+        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][: plain_first // 2]
         plain = [k for k, r in enumerate(kept) if r["answer"] in YES_NO and not _negated(r["question"])]
-        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO]
-        taken = set(opens[: plain_first // 2] + plain[: plain_first - plain_first // 2])
-        first = [kept[k] for k in sorted(taken)]
+        taken = set(opens + ([] if extra else plain[: plain_first - plain_first // 2]))
+        first = [kept[k] for k in sorted(taken)] + extra
         rng.shuffle(first)
         rest = [r for k, r in enumerate(kept) if k not in taken]
         rng.shuffle(rest)  # else the rest would open with the questions left around the ones taken
