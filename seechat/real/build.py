@@ -125,7 +125,7 @@ def _data(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
             captions = [{"image": image, "caption": caption(qa)} for image, qa in by_image.items()]
             _jsonl(d / "captions.jsonl", [c for c in captions if c["caption"]])
             (d / "conversations.json").write_text(json.dumps(conversations(rows)))
-            (d / "questions.json").write_text(json.dumps(questions(rows, **recipe["recipe"].get("questions", {}))))
+            (d / "questions.json").write_text(json.dumps(questions(rows, **_question_options(recipe))))
         else:
             if args.test_questions:
                 rows = rows[: args.test_questions]
@@ -254,6 +254,17 @@ def _balanced(yes_no: list[dict], rng: random.Random) -> list[dict]:
     present = [r for r in yes_no if (r["answer"] == "yes") != _negated(r["question"])]
     absent = [r for r in yes_no if (r["answer"] == "yes") == _negated(r["question"])]
     return present + rng.sample(absent, min(len(present), len(absent)))
+
+
+def _question_options(recipe: dict) -> dict:
+    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first)."""
+    options = (recipe.get("recipe") or {}).get("questions") or {}
+    allowed = {"balance_yes_no": bool, "plain_first": int}
+    for key, value in options.items():
+        if key not in allowed or type(value) is not allowed[key]:
+            raise ConfigError(f"recipe.questions.{key}: {value!r} is not an option of Stage II's questions; "
+                              f"valid: balance_yes_no (true/false), plain_first (a number of questions)")
+    return options
 
 
 def _negated(question: str) -> bool:
