@@ -215,6 +215,25 @@ def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
     present = {"<image>\nis there a red shape?", "<image>\nis no circle present?"}
     draws = [{q["conversations"][0]["value"] for q in questions(rows, seed=s, balance_yes_no=True)} for s in range(20)]
     assert sum(len(d & present) for d in draws) > 15  # 1 of 2 yes/no draws on average, vs 2 of 6 unbalanced
+    from seechat.real.build import _question_options
+
+    assert _question_options({"recipe": {"questions": {"plain_first": 8}}}) == {"plain_first": 8}
+    with pytest.raises(ConfigError, match="recipe.questions.plain_frist"):
+        _question_options({"recipe": {"questions": {"plain_frist": 8}}})
+    # plain first: the first 2 questions are an open one and a yes/no one that is not negated
+    negated = {"<image>\nis no circle present?", "<image>\ndoes the image not contain a teal shape?",
+               "<image>\nis there not a gray shape?"}
+    for s in range(10):
+        for balance in (True, False):
+            qs = questions(rows * 3, seed=s, balance_yes_no=balance, plain_first=2)
+            first = [(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs[:2]]
+            assert sorted(a in ("yes", "no") for _, a in first) == [False, True]
+            assert not {q for q, _ in first} & negated
+            plain = sorted(str(q["conversations"]) for q in questions(rows * 3, seed=s, balance_yes_no=balance))
+            if balance:  # the same questions, reordered
+                assert sorted(str(q["conversations"]) for q in qs) == plain
+            else:  # easy-VQA's mix after one more (balanced) plain yes/no question
+                assert len(qs) == len(plain) + 1
 
 
 # -- the real experts (make test-real) --------------------------------------------------------------------

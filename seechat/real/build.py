@@ -125,7 +125,7 @@ def _data(args: RealArgs, out: Path, experts: Path, recipe: dict) -> None:
             captions = [{"image": image, "caption": caption(qa)} for image, qa in by_image.items()]
             _jsonl(d / "captions.jsonl", [c for c in captions if c["caption"]])
             (d / "conversations.json").write_text(json.dumps(conversations(rows)))
-            (d / "questions.json").write_text(json.dumps(questions(rows)))
+            (d / "questions.json").write_text(json.dumps(questions(rows, **_question_options(recipe))))
         else:
             if args.test_questions:
                 rows = rows[: args.test_questions]
@@ -195,30 +195,76 @@ def conversations(rows: list[dict], seed: int = 0) -> list[dict]:
     return convs
 
 
-def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False) -> list[dict]:
+def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, plain_first: int = 0) -> list[dict]:
     """One single-turn LLaVA conversation per question, asked as the test asks it (the picture, then the question,
     with no earlier answers about the picture to lean on), shuffled. Every colour and shape question is kept; the
     yes/no questions (74% of easy-VQA) are subsampled to as many as those (a seeded random choice), so that a short
     training run sees the colour questions twice as often.
 
-    balance_yes_no: keep as many yes/no questions about what is absent as about what is present. easy-VQA's yes/no
-    questions mostly ask about an absent colour or shape (23,258 of 28,407 in the train split), so "absent" is
-    right 82% of the time without looking at the picture; a briefly trained model learns exactly that. Balanced,
-    it must compare the question with the picture: measured, 180 steps of 16 questions were not enough for that
-    (yes/no at chance, 47.7%), so the recipe keeps easy-VQA's own mix (see README.md).
+    balance_yes_no: keep as many yes/no questions about what is absent as about what is present (within the
+    negated and the plain questions each). easy-VQA's yes/no questions mostly ask about an absent colour or shape
+    (23,258 of 28,407 in the train split), so "absent" is right 82% of the time without looking at the picture; a
+    briefly trained model learns exactly that. Balanced, it must compare the question with the picture.
+
+    plain_first: the first `plain_first` questions hold no negated yes/no question ("is there not a red shape?",
+    "is no circle present?"): half colour and shape questions, half plain yes/no ones; the rest follow, shuffled
+    among themselves. With negated and plain questions mixed, "what is asked about is there" says "yes" for one
+    half and "no" for the other, so its first gradient cancels out (the answer is an XOR of the picture and the
+    wording) and a short run learns only the wording's prior; the plain questions first let the picture matter,
+    and the negated ones then only flip it. Those first plain questions are balanced present/absent (as far as
+    the kept questions allow) even without balance_yes_no. The order reaches training only with
+    `training.train_sampling_strategy: sequential` (the Trainer shuffles otherwise).
     """
     rng = random.Random(seed)
     open_qs = [r for r in rows if r["answer"] not in YES_NO]
     yes_no = [r for r in rows if r["answer"] in YES_NO]
     if balance_yes_no:
-        present = [r for r in yes_no if (r["answer"] == "yes") != _negated(r["question"])]
-        absent = [r for r in yes_no if (r["answer"] == "yes") == _negated(r["question"])]
-        yes_no = present + rng.sample(absent, min(len(present), len(absent)))
+        yes_no = [r for negated in (False, True) for r in _balanced(
+            [r for r in yes_no if _negated(r["question"]) == negated], rng)]
+    extra: list[dict] = []
+    if plain_first and not balance_yes_no:  # the first plain questions are balanced all the same (they are there
+        # to make the picture matter), drawn from all of them; the rest keep easy-VQA's mix, as the test asks
+        plain = [k for k, r in enumerate(yes_no) if not _negated(r["question"])]
+        n = plain_first - plain_first // 2
+        present = [k for k in plain if yes_no[k]["answer"] == "yes"]
+        present = rng.sample(present, min(n // 2, len(present)))
+        absent = [k for k in plain if yes_no[k]["answer"] == "no"]
+        absent = rng.sample(absent, min(n - len(present), len(absent)))
+        extra = [yes_no[k] for k in present + absent]
+        taken = set(present + absent)
+        yes_no = [r for k, r in enumerate(yes_no) if k not in taken]
     kept = open_qs + rng.sample(yes_no, min(len(open_qs), len(yes_no)))
     rng.shuffle(kept)
+    if plain_first:
+        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][: plain_first // 2]
+        plain = [k for k, r in enumerate(kept) if r["answer"] in YES_NO and not _negated(r["question"])]
+        taken = set(opens + ([] if extra else plain[: plain_first - plain_first // 2]))
+        first = [kept[k] for k in sorted(taken)] + extra
+        rng.shuffle(first)
+        rest = [r for k, r in enumerate(kept) if k not in taken]
+        rng.shuffle(rest)  # else the rest would open with the questions left around the ones taken
+        kept = first + rest
     return [{"id": f"train-q{k}", "image": r["image"],
              "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
                                {"from": "gpt", "value": r["answer"]}]} for k, r in enumerate(kept)]
+
+
+def _balanced(yes_no: list[dict], rng: random.Random) -> list[dict]:
+    """As many yes/no questions about an absent colour or shape as about a present one (a seeded choice)."""
+    present = [r for r in yes_no if (r["answer"] == "yes") != _negated(r["question"])]
+    absent = [r for r in yes_no if (r["answer"] == "yes") == _negated(r["question"])]
+    return present + rng.sample(absent, min(len(present), len(absent)))
+
+
+def _question_options(recipe: dict) -> dict:
+    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first)."""
+    options = (recipe.get("recipe") or {}).get("questions") or {}
+    allowed = {"balance_yes_no": bool, "plain_first": int}
+    for key, value in options.items():
+        if key not in allowed or type(value) is not allowed[key]:
+            raise ConfigError(f"recipe.questions.{key}: {value!r} is not an option of Stage II's questions; "
+                              f"valid: balance_yes_no (true/false), plain_first (a number of questions)")
+    return options
 
 
 def _negated(question: str) -> bool:
