@@ -70,12 +70,6 @@ class BridgeConfig:
     Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from
     unit scale (a CNN's ReLU6 map: tokens ~50x the norm of a text embedding, mostly a part shared by every picture)
     otherwise reach the text expert as huge, nearly identical tokens."""
-    vocab: bool = False
-    """linear and mlp: each image token becomes a mixture of the text expert's own word embeddings, weighted by a
-    softmax over the vocabulary of the bridge's output scored against those embeddings (the embeddings stay the
-    text expert's, frozen and not stored with the bridge). The tokens then read like words at a word's scale: a
-    text expert learns to compare a question's words with such tokens much faster than with free vectors (easy-VQA
-    yes/no questions, README.md). Costs two (tokens x vocabulary x width) products per image."""
     num_queries: int = 32
     """qformer only: learned query tokens, which is also the number of image tokens per image."""
     qformer: dict[str, Any] = field(default_factory=dict)
@@ -91,8 +85,6 @@ class BridgeConfig:
             raise ConfigError(f"bridge.depth must be >= 1, got {self.depth}")
         if self.num_queries < 1:
             raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
-        if self.vocab and self.type not in ("linear", "mlp"):
-            raise ConfigError(f"bridge.vocab applies to the linear and mlp bridges, not {self.type!r}")
         if self.norm and self.type not in ("linear", "mlp"):
             raise ConfigError(f"bridge.norm applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:

@@ -140,34 +140,6 @@ def test_bridge_norm_normalises_each_feature_level_on_its_own(experts, red, tmp_
                                    model.encode_images(pixels))
 
 
-def test_bridge_vocab_makes_image_tokens_mixtures_of_the_text_experts_word_embeddings(experts, red, tmp_path):
-    from seechat.model.bridges import build_bridge
-
-    torch.manual_seed(0)
-    bridge = build_bridge(BridgeConfig(type="mlp", vocab=True), 16, 8)
-    bridge.vocab.attach(torch.nn.Embedding.from_pretrained(torch.eye(8)))  # 8 words, one-hot embeddings
-    out = bridge(torch.randn(2, 3, 16))
-    # a mixture of one-hot rows is a probability vector over the 8 words
-    assert out.shape == (2, 3, 8) and (out >= 0).all()
-    torch.testing.assert_close(out.sum(-1), torch.ones(2, 3))
-    out.sum().backward()  # the bridge trains through the mixture; the embeddings are not its parameters
-    assert bridge.layers[0].weight.grad is not None and "log_scale" in dict(bridge.vocab.named_parameters())
-    assert not any("embed" in k or "_embeddings" in k for k in bridge.state_dict())
-    with pytest.raises(ConfigError, match="bridge.vocab applies to the linear and mlp bridges"):
-        BridgeConfig(type="qformer", vocab=True)
-    # composed: the text expert's own embeddings, reattached on load
-    cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
-    cfg.bridge.vocab = True
-    model = seechat.build(cfg, device="cpu")
-    table = model.llm.get_input_embeddings().weight
-    with torch.no_grad():
-        pixels = model.processor.pixel_values([red])
-        tokens = model.encode_images(pixels)
-        assert tokens.norm(dim=-1).max() <= table.norm(dim=-1).max() + 1e-4  # a mixture is no longer than its words
-        model.save(tmp_path / "m")
-        torch.testing.assert_close(seechat.load(tmp_path / "m", device="cpu").encode_images(pixels), tokens)
-
-
 def test_bad_compositions_name_the_valid_choices(experts):
     with pytest.raises(ConfigError, match=r"unknown bridge type 'perceiver'; valid types are \['linear', 'mlp', 'qformer'\]"):
         cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])

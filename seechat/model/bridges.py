@@ -6,8 +6,6 @@ returns (batch, num_tokens(n_in), llm_dim) embeddings.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -32,31 +30,6 @@ class LevelNorm(nn.Module):
         return torch.cat([norm(part) for norm, part in zip(self.norms, parts)], dim=-1)
 
 
-class VocabMixture(nn.Module):
-    """bridge.vocab: scores over the text expert's vocabulary -> a softmax-weighted mixture of its word embeddings.
-
-    A score is the cosine of the bridge's output with a word's embedding times a learned sharpness (exp(log_scale),
-    from 20): raw dot products grow with the output's norm, and after a few Stage I steps the softmax was one-hot
-    and its gradient vanished (measured: grad norm 8e-6 by step 20). The embedding module is attached after the
-    text expert is loaded (`attach`) and held outside the module tree, so it is neither trained nor saved with the
-    bridge and follows the text expert across devices."""
-
-    def __init__(self):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
-        self._embeddings: list[nn.Module] = []
-
-    def attach(self, embeddings: nn.Module) -> None:
-        self._embeddings[:] = [embeddings]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self._embeddings:
-            raise RuntimeError("bridge.vocab: the text expert's embeddings were never attached to the bridge")
-        table = self._embeddings[0].weight.to(hidden.dtype)
-        scores = nn.functional.normalize(hidden, dim=-1) @ nn.functional.normalize(table, dim=-1).T
-        return torch.softmax(scores * self.log_scale.exp(), dim=-1) @ table
-
-
 class LinearBridge(nn.Module):
     """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
 
@@ -64,14 +37,12 @@ class LinearBridge(nn.Module):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
         self.proj = nn.Linear(vision_dim, llm_dim)
-        self.vocab = VocabMixture() if config.vocab else None
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        out = self.proj(self.norm(feats) if self.norm is not None else feats)
-        return self.vocab(out) if self.vocab is not None else out
+        return self.proj(self.norm(feats) if self.norm is not None else feats)
 
 
 class MLPBridge(nn.Module):
@@ -84,14 +55,12 @@ class MLPBridge(nn.Module):
         for _ in range(config.depth - 1):
             layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
         self.layers = nn.Sequential(*layers)
-        self.vocab = VocabMixture() if config.vocab else None
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        out = self.layers(self.norm(feats) if self.norm is not None else feats)
-        return self.vocab(out) if self.vocab is not None else out
+        return self.layers(self.norm(feats) if self.norm is not None else feats)
 
 
 class QFormerBridge(nn.Module):
