@@ -24,7 +24,7 @@ import signal
 import threading
 
 from ..errors import SeeChatError
-from .scheduler import Job, QueueFull, Scheduler, Slot, _deliver
+from .scheduler import Admission, Job, Scheduler, Slot, _deliver
 
 log = logging.getLogger("seechat")
 
@@ -33,7 +33,7 @@ class EngineGone(RuntimeError):
     """The engine process is not running (it failed to start or exited)."""
 
 
-class EngineProcess:
+class EngineProcess(Admission):
     """The Scheduler's interface (admit, submit, status, close) over a Scheduler in a child process."""
 
     def __init__(self, load_args, *, max_queue: int = 16, max_batch: int = 1, wait_steps: int | None = None,
@@ -72,15 +72,6 @@ class EngineProcess:
         self._reader.start()
 
     # -- the request side (event loop) ------------------------------------------------------------------
-    def admit(self) -> Slot:
-        with self._lock:
-            if self._in >= self.max_queue:
-                self.stats["rejected"] += 1
-                per = self._seconds / max(1, min(self.max_batch, self._in))
-                raise QueueFull(max(1, min(60, round(per * self._in + 0.5))))
-            self._in += 1
-        return Slot(self)
-
     def submit(self, slot: Slot, state, settings, stream: bool = True) -> "RemoteJob":
         job = RemoteJob(self, slot, next(self._ids), stream)
         with self._lock:

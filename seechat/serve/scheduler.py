@@ -142,7 +142,21 @@ def _deliver(loop, events: list) -> None:
             job.cancelled.set()
 
 
-class Scheduler:
+class Admission:
+    """The bounded queue's door, shared by Scheduler and EngineProcess: at most `max_queue` requests in; the rest
+    get QueueFull with a Retry-After from the running average of seconds per request (`_seconds`)."""
+
+    def admit(self) -> Slot:
+        with self._lock:
+            if self._in >= self.max_queue:
+                self.stats["rejected"] += 1
+                per = self._seconds / max(1, min(self.max_batch, self._in))  # a batch answers several at once
+                raise QueueFull(max(1, min(60, math.ceil(per * self._in))))
+            self._in += 1
+        return Slot(self)
+
+
+class Scheduler(Admission):
     """Runs jobs on one engine, up to `max_batch` at once, with at most `max_queue` requests in (running or waiting)."""
 
     def __init__(self, engine: ChatEngine, max_queue: int = 16, max_batch: int = 1, wait_steps: int = WAIT_STEPS):
@@ -165,15 +179,6 @@ class Scheduler:
         self._thread.start()
 
     # -- the request side (event loop) ------------------------------------------------------------------
-    def admit(self) -> Slot:
-        with self._lock:
-            if self._in >= self.max_queue:
-                self.stats["rejected"] += 1
-                per = self._seconds / max(1, min(self.max_batch, self._in))  # a batch answers several at once
-                raise QueueFull(max(1, min(60, math.ceil(per * self._in))))
-            self._in += 1
-        return Slot(self)
-
     def submit(self, slot: Slot, state: ChatState, settings: GenerationSettings, stream: bool = True) -> Job:
         """Queue a turn; with stream=False its pieces are not sent (await `job.result()` for the reply)."""
         job = Job(self, slot, state, settings, stream=stream)
