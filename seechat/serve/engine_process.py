@@ -16,6 +16,7 @@ every turn in flight gets an error and new requests are refused with one; the HT
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ import pickle
 import signal
 import threading
 
+from ..chat.engine import Reply
 from ..errors import SeeChatError
 from .scheduler import Admission, Job, Scheduler, Slot, _deliver
 
@@ -167,10 +169,6 @@ class RemoteJob(Job):
     """A turn running in the engine process: the same pieces() / result() / cancel() as a local Job."""
 
     def __init__(self, owner: EngineProcess, slot: Slot, key: int, stream: bool):
-        import asyncio
-
-        from ..chat.engine import Reply
-
         self.slot, self.key, self.stream, self.reply = slot, key, stream, Reply()
         self.cancelled = threading.Event()
         self._owner = owner
@@ -191,8 +189,8 @@ class RemoteJob(Job):
 class _Outlet:
     """Where the child's jobs send their events: up the pipe, one message per decoding step (Scheduler._flush)."""
 
-    def __init__(self, conn, scheduler_ref: list):
-        self.conn, self._scheduler = conn, scheduler_ref
+    def __init__(self, conn, scheduler: Scheduler):
+        self.conn, self.scheduler = conn, scheduler
         self.lock = threading.Lock()
 
     def deliver(self, events: list) -> None:
@@ -203,7 +201,7 @@ class _Outlet:
             elif kind == "error":
                 value, ended = _portable(value), True
             out.append((job.key, kind, value))
-        stats = self._scheduler[0].status() if ended and self._scheduler else None
+        stats = self.scheduler.status() if ended else None
         with self.lock:
             self.conn.send((out, stats))
 
@@ -236,10 +234,8 @@ def _child(conn, load_args, kwargs: dict) -> None:
     if engine.reuse_cache and kwargs["prefix_cache_mb"] > 0:
         engine.prefix_cache = PrefixCache(int(kwargs["prefix_cache_mb"] * 2**20))
     wait = {} if kwargs["wait_steps"] is None else {"wait_steps": kwargs["wait_steps"]}
-    ref: list = []
-    outlet = _Outlet(conn, ref)
     scheduler = Scheduler(engine, max_queue=2**31, max_batch=kwargs["max_batch"], **wait)  # the parent bounds the queue
-    ref.append(scheduler)
+    outlet = _Outlet(conn, scheduler)
     model = engine.model
     conn.send(("ready", {"max_context": model.max_context, "min_side": needed_side(model.processor.image_processor)}))
     jobs: dict[int, Job] = {}
