@@ -345,20 +345,23 @@ class _Stream:
     @staticmethod
     def step(row: Row, token: int, stop_ids: set[int], tok) -> bool:
         settings = row.settings
+        quiet = row.on_piece is None and not settings.stop  # nobody reads the text before the end: decode it then
         if row.cancel.is_set():
-            return _Stream.finish(row, row.text, "cancelled")
+            text = tok.decode(row.tokens, skip_special_tokens=True) if quiet else row.text
+            return _Stream.finish(row, text, "cancelled")
         row.tokens.append(token)
-        if row.on_piece is None and not settings.stop:  # nobody reads the text before the end: decode it then
-            done = token in stop_ids or len(row.tokens) >= row.max_new
-            return done and _Stream.finish(row, tok.decode(row.tokens, skip_special_tokens=True),
-                                           "stop" if token in stop_ids else "length")
-        line = tok.decode(row.tokens[row.line_start :], skip_special_tokens=True)
-        text = row.text + line
-        if line.endswith("\n"):
-            row.text, row.line_start = text, len(row.tokens)
-        cut = find_stop(text, settings.stop)
-        if cut is not None:
-            return _Stream.finish(row, text[:cut], "stop")
+        if quiet:
+            if token not in stop_ids and len(row.tokens) < row.max_new:
+                return False
+            text = tok.decode(row.tokens, skip_special_tokens=True)
+        else:
+            line = tok.decode(row.tokens[row.line_start :], skip_special_tokens=True)
+            text = row.text + line
+            if line.endswith("\n"):
+                row.text, row.line_start = text, len(row.tokens)
+            cut = find_stop(text, settings.stop)
+            if cut is not None:
+                return _Stream.finish(row, text[:cut], "stop")
         if token in stop_ids:
             return _Stream.finish(row, text, "stop")
         if len(row.tokens) >= row.max_new:
