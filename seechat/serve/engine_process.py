@@ -26,7 +26,7 @@ import threading
 
 from ..chat.engine import Reply
 from ..errors import SeeChatError
-from .scheduler import Admission, Job, Scheduler, Slot, _deliver
+from .scheduler import Admission, Job, Scheduler, Slot, _deliver_all
 
 log = logging.getLogger("seechat")
 
@@ -40,15 +40,9 @@ class EngineProcess(Admission):
 
     def __init__(self, load_args, *, max_queue: int = 16, max_batch: int = 1, wait_steps: int | None = None,
                  prefix_cache_mb: float = 0.0, start_timeout: float = 900.0):
-        if max_queue < 1 or max_batch < 1:
-            raise ValueError("max_queue and max_batch must be >= 1")
-        self.max_queue, self.max_batch = max_queue, max_batch
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "batches": 0, "batched": 0}
+        super().__init__(max_queue, max_batch)
         self._running = 0
-        self._lock = threading.Lock()  # Slot takes it to count `_in`
         self._send_lock = threading.Lock()
-        self._in = 0
-        self._seconds = 1.0
         self._jobs: dict[int, RemoteJob] = {}
         self._ids = itertools.count()
         self._gone: str | None = None
@@ -121,21 +115,20 @@ class EngineProcess(Admission):
                 events, stats = self._conn.recv()
             except (EOFError, OSError):
                 break
-            by_loop: dict = {}
+            mine = []
             for key, kind, value in events:
                 job = self._jobs.get(key)
                 if job is None:
                     continue
                 if kind in ("done", "error"):
                     self._end(job, kind, value)
-                by_loop.setdefault(job._loop, []).append((job, kind, None if kind == "done" else value))
+                mine.append((job, kind, None if kind == "done" else value))
             if stats is not None:
                 with self._lock:
                     self._running = stats.pop("running", self._running)
                     for name in ("batches", "batched"):
                         self.stats[name] = stats[name]
-            for loop, some in by_loop.items():
-                _deliver(loop, some)
+            _deliver_all(mine)
         self._fail_all(f"the engine process exited (exit code {self._proc.exitcode}); restart the server")
 
     def _end(self, job: "RemoteJob", kind: str, value) -> None:
@@ -157,12 +150,9 @@ class EngineProcess(Admission):
             self.stats["failed"] += len(jobs)
         if jobs or not self._closing:
             log.error("%s", message)
-        by_loop: dict = {}
         for job in jobs:
             job.slot.release()
-            by_loop.setdefault(job._loop, []).append((job, "error", EngineGone(message)))
-        for loop, some in by_loop.items():
-            _deliver(loop, some)
+        _deliver_all([(job, "error", EngineGone(message)) for job in jobs])
 
 
 class RemoteJob(Job):

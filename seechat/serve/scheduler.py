@@ -142,9 +142,30 @@ def _deliver(loop, events: list) -> None:
             job.cancelled.set()
 
 
+def _deliver_all(events: list) -> None:
+    """`_deliver` events of several jobs: one call per event loop (or outlet) they go to."""
+    by_loop: dict = {}
+    for event in events:
+        by_loop.setdefault(event[0]._loop, []).append(event)
+    for loop, some in by_loop.items():
+        _deliver(loop, some)
+
+
 class Admission:
     """The bounded queue's door, shared by Scheduler and EngineProcess: at most `max_queue` requests in; the rest
-    get QueueFull with a Retry-After from the running average of seconds per request (`_seconds`)."""
+    get QueueFull with a Retry-After from the running average of seconds per request (`_seconds`). It also holds
+    the counters /health shows."""
+
+    def __init__(self, max_queue: int, max_batch: int):
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "batches": 0, "batched": 0}
+        self._lock = threading.Lock()  # Slot takes it to count `_in`
+        self._in = 0
+        self._seconds = 1.0  # a running average of seconds per request, for Retry-After
 
     def admit(self) -> Slot:
         with self._lock:
@@ -160,18 +181,11 @@ class Scheduler(Admission):
     """Runs jobs on one engine, up to `max_batch` at once, with at most `max_queue` requests in (running or waiting)."""
 
     def __init__(self, engine: ChatEngine, max_queue: int = 16, max_batch: int = 1, wait_steps: int = WAIT_STEPS):
-        if max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        super().__init__(max_queue, max_batch)
         if wait_steps < 0:
             raise ValueError("wait_steps must be >= 0")
-        self.engine, self.max_queue, self.max_batch, self.wait_steps = engine, max_queue, max_batch, wait_steps
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "batches": 0, "batched": 0}
-        self._lock = threading.Lock()
-        self._in = 0
+        self.engine, self.wait_steps = engine, wait_steps
         self._held: list[Job] = []  # taken from the queue by the worker, running or about to
-        self._seconds = 1.0  # a running average of seconds per request, for Retry-After
         self._together = False  # whether the last step decoded two or more answers
         self._jobs: queue.Queue = queue.Queue()
         self._outbox: list = []  # events the worker made since its last _flush: (job, kind, value)
@@ -283,11 +297,7 @@ class Scheduler(Admission):
         """Send the events of the last step: one wake-up per event loop, not one per piece of text (on a busy
         server, waking the loop for every token of every answer cost a sixth of the worker's time)."""
         events, self._outbox = self._outbox, []
-        by_loop: dict = {}
-        for event in events:
-            by_loop.setdefault(event[0]._loop, []).append(event)
-        for loop, some in by_loop.items():
-            _deliver(loop, some)
+        _deliver_all(events)
 
     def _take(self, job: Job) -> Job:
         with self._lock:
