@@ -251,8 +251,8 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
 
 def _balanced(yes_no: list[dict], rng: random.Random) -> list[dict]:
     """As many yes/no questions about an absent colour or shape as about a present one (a seeded choice)."""
-    present = [r for r in yes_no if (r["answer"] == "yes") != _negated(r["question"])]
-    absent = [r for r in yes_no if (r["answer"] == "yes") == _negated(r["question"])]
+    present = [r for r in yes_no if _is_there(r["question"], r["answer"])]
+    absent = [r for r in yes_no if not _is_there(r["question"], r["answer"])]
     return present + rng.sample(absent, min(len(present), len(absent)))
 
 
@@ -265,6 +265,12 @@ def _question_options(recipe: dict) -> dict:
             raise ConfigError(f"recipe.questions.{key}: {value!r} is not an option of Stage II's questions; "
                               f"valid: balance_yes_no (true/false), plain_first (a number of questions)")
     return options
+
+
+def _is_there(question: str, answer: str) -> bool:
+    """Whether the colour or shape a yes/no question asks about is in the picture ("yes" to a plain question,
+    "no" to a negated one)."""
+    return (answer == "yes") != _negated(question)
 
 
 def _negated(question: str) -> bool:
@@ -286,7 +292,7 @@ def caption(qa: dict[str, str]) -> str:
             colour = a
         elif kind == "shape":
             shape = a
-        elif (a == "yes") != _negated(q):  # the shape asked about is there
+        elif _is_there(q, a):  # the shape asked about is there
             words = q.rstrip("?").split()
             colour = colour or next((w for w in words if w in COLOURS), "")
             shape = shape or next((w for w in words if w in SHAPES), "")
