@@ -37,7 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings, PrefixCache
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings
 from ..cli_helpers import LoadArgs, load_model, parse, setup_logging
 from ..errors import ConfigError, ContextOverflowError, ImageError, SeeChatError
 from ..data.images import MAX_PIXELS, needed_side
@@ -176,9 +176,7 @@ def create_app(engine: ChatEngine | EngineProcess, args: ServeArgs | None = None
     if isinstance(engine, EngineProcess):  # the engine runs in a child process (--engine-process)
         scheduler, max_context, min_side = engine, engine.max_context, engine.min_side
     else:
-        if engine.prefix_cache is None and engine.reuse_cache and args.prefix_cache_mb > 0:
-            engine.prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20))
-        scheduler = Scheduler(engine, args.max_queue, args.max_batch, args.batch_wait_steps)
+        scheduler = Scheduler(engine, args.max_queue, args.max_batch, args.batch_wait_steps, args.prefix_cache_mb)
         max_context, min_side = engine.model.max_context, needed_side(engine.model.processor.image_processor)
     policy.max_text_chars = TEXT_CHARS_PER_TOKEN * max_context
     policy.min_side = min_side

@@ -206,7 +206,7 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def _child(conn, load_args, kwargs: dict) -> None:
-    from ..chat.engine import ChatEngine, PrefixCache
+    from ..chat.engine import ChatEngine
     from ..cli_helpers import load_model, setup_logging
     from ..data.images import needed_side
 
@@ -221,10 +221,9 @@ def _child(conn, load_args, kwargs: dict) -> None:
     except Exception as exc:
         conn.send(("failed", f"the engine process could not load the model: {exc!r}"))
         return
-    if engine.reuse_cache and kwargs["prefix_cache_mb"] > 0:
-        engine.prefix_cache = PrefixCache(int(kwargs["prefix_cache_mb"] * 2**20))
     wait = {} if kwargs["wait_steps"] is None else {"wait_steps": kwargs["wait_steps"]}
-    scheduler = Scheduler(engine, max_queue=2**31, max_batch=kwargs["max_batch"], **wait)  # the parent bounds the queue
+    scheduler = Scheduler(engine, max_queue=2**31, max_batch=kwargs["max_batch"],  # the parent bounds the queue
+                          prefix_cache_mb=kwargs["prefix_cache_mb"], **wait)
     outlet = _Outlet(conn, scheduler)
     model = engine.model
     conn.send(("ready", {"max_context": model.max_context, "min_side": needed_side(model.processor.image_processor)}))

@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..chat.decode import Batch
-from ..chat.engine import ChatEngine, ChatState, GenerationSettings, Reply
+from ..chat.engine import ChatEngine, ChatState, GenerationSettings, PrefixCache, Reply
 
 log = logging.getLogger("seechat")
 
@@ -180,10 +180,14 @@ class Admission:
 class Scheduler(Admission):
     """Runs jobs on one engine, up to `max_batch` at once, with at most `max_queue` requests in (running or waiting)."""
 
-    def __init__(self, engine: ChatEngine, max_queue: int = 16, max_batch: int = 1, wait_steps: int = WAIT_STEPS):
+    def __init__(self, engine: ChatEngine, max_queue: int = 16, max_batch: int = 1, wait_steps: int = WAIT_STEPS,
+                 prefix_cache_mb: float = 0.0):
+        """prefix_cache_mb > 0 gives an engine without a prefix cache one of that size (the server's)."""
         super().__init__(max_queue, max_batch)
         if wait_steps < 0:
             raise ValueError("wait_steps must be >= 0")
+        if prefix_cache_mb > 0 and engine.prefix_cache is None and engine.reuse_cache:
+            engine.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.engine, self.wait_steps = engine, wait_steps
         self._held: list[Job] = []  # taken from the queue by the worker, running or about to
         self._together = False  # whether the last step decoded two or more answers
