@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,15 @@ def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
     present = {"<image>\nis there a red shape?", "<image>\nis no circle present?"}
     draws = [{q["conversations"][0]["value"] for q in questions(rows, seed=s, balance_yes_no=True)} for s in range(20)]
     assert sum(len(d & present) for d in draws) > 15  # 1 of 2 yes/no draws on average, vs 2 of 6 unbalanced
-    from seechat.real.build import _question_options
+    # present_share: every question about what is there, and absent ones to make it that share
+    from seechat.real.build import _balanced, _is_there, _question_options
+
+    many = [{"question": "is there a red shape?", "answer": "yes" if k < 10 else "no"} for k in range(50)]
+    for share, absent in ((0.5, 10), (0.25, 30), (0.2, 40), (0.1, 40)):  # 40 absent ones at most
+        kept = _balanced(many, random.Random(0), share)
+        assert sum(_is_there(r["question"], r["answer"]) for r in kept) == 10 and len(kept) == 10 + absent
+    with pytest.raises(ConfigError, match="present_share"):
+        _question_options({"recipe": {"questions": {"present_share": 1.5}}})
 
     assert _question_options({"recipe": {"questions": {"plain_first": 8}}}) == {"plain_first": 8}
     with pytest.raises(ConfigError, match="recipe.questions.plain_frist"):

@@ -195,7 +195,8 @@ def conversations(rows: list[dict], seed: int = 0) -> list[dict]:
     return convs
 
 
-def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, plain_first: int = 0) -> list[dict]:
+def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, plain_first: int = 0,
+              present_share: float = 0.0) -> list[dict]:
     """One single-turn LLaVA conversation per question, asked as the test asks it (the picture, then the question,
     with no earlier answers about the picture to lean on), shuffled. Every colour and shape question is kept; the
     yes/no questions (74% of easy-VQA) are subsampled to as many as those (a seeded random choice), so that a short
@@ -205,6 +206,8 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     negated and the plain questions each). easy-VQA's yes/no questions mostly ask about an absent colour or shape
     (23,258 of 28,407 in the train split), so "absent" is right 82% of the time without looking at the picture; a
     briefly trained model learns exactly that. Balanced, it must compare the question with the picture.
+    present_share: between the two, the share of yes/no questions about what is present (0: easy-VQA's own ~18%;
+    balance_yes_no is 0.5), within the negated and the plain questions each.
 
     plain_first: the first `plain_first` questions hold no negated yes/no question ("is there not a red shape?",
     "is no circle present?"): half colour and shape questions, half plain yes/no ones; the rest follow, shuffled
@@ -218,9 +221,10 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     rng = random.Random(seed)
     open_qs = [r for r in rows if r["answer"] not in YES_NO]
     yes_no = [r for r in rows if r["answer"] in YES_NO]
-    if balance_yes_no:
+    share = 0.5 if balance_yes_no else present_share
+    if share:
         yes_no = [r for negated in (False, True) for r in _balanced(
-            [r for r in yes_no if _negated(r["question"]) == negated], rng)]
+            [r for r in yes_no if _negated(r["question"]) == negated], rng, share)]
     extra: list[dict] = []
     if plain_first and not balance_yes_no:  # the first plain questions are balanced all the same (they are there
         # to make the picture matter), drawn from all of them; the rest keep easy-VQA's mix, as the test asks
@@ -249,21 +253,23 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
                                {"from": "gpt", "value": r["answer"]}]} for k, r in enumerate(kept)]
 
 
-def _balanced(yes_no: list[dict], rng: random.Random) -> list[dict]:
-    """As many yes/no questions about an absent colour or shape as about a present one (a seeded choice)."""
+def _balanced(yes_no: list[dict], rng: random.Random, share: float = 0.5) -> list[dict]:
+    """Every yes/no question about a present colour or shape and enough about absent ones (a seeded choice) for
+    the present ones to be `share` of them (0.5: as many of each)."""
     present = [r for r in yes_no if _is_there(r["question"], r["answer"])]
     absent = [r for r in yes_no if not _is_there(r["question"], r["answer"])]
-    return present + rng.sample(absent, min(len(present), len(absent)))
+    return present + rng.sample(absent, min(round(len(present) * (1 - share) / share), len(absent)))
 
 
 def _question_options(recipe: dict) -> dict:
-    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first)."""
+    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first, present_share)."""
     options = (recipe.get("recipe") or {}).get("questions") or {}
-    allowed = {"balance_yes_no": bool, "plain_first": int}
+    allowed = {"balance_yes_no": bool, "plain_first": int, "present_share": float}
     for key, value in options.items():
-        if key not in allowed or type(value) is not allowed[key]:
+        if key not in allowed or type(value) is not allowed[key] or key == "present_share" and not 0 <= value < 1:
             raise ConfigError(f"recipe.questions.{key}: {value!r} is not an option of Stage II's questions; "
-                              f"valid: balance_yes_no (true/false), plain_first (a number of questions)")
+                              f"valid: balance_yes_no (true/false), plain_first (a number of questions), "
+                              f"present_share (a fraction below 1)")
     return options
 
 
