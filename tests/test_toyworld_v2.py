@@ -110,7 +110,8 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
 
     micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
                          n_multi=1, clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, align_steps=2, align_batch=4,
-                         instruct_steps=2, instruct_batch=4, max_new_tokens=24)
+                         instruct_steps=2, instruct_batch=4, max_new_tokens=24,
+                         group_by_length=True)
     monkeypatch.setattr(v2build, "QUICK", micro)
     out = tmp_path / "v2"
     assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(out)]) == 0

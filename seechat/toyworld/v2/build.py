@@ -79,6 +79,11 @@ class Plan:
     patch_size: int = 16
     """The vision expert's patch: 16 (4x4 patches) or 8 (8x8 patches, 2x2-pooled for the bridge)."""
     keep_cls: bool = True
+    group_by_length: bool = False
+    """Stage I/II batches of samples of similar length (the Trainer's length-grouped sampler). Stage II's
+    conversations vary from about 60 to 240 tokens and random batches of 16 are padded to 1.44x their tokens;
+    grouped, 80 Stage II steps took 19.6 s against 23.2 s (fixed costs included, 1 thread, shared machine). Off by
+    default until a build with it alone shows the accuracy holds (the README's numbers are without it)."""
 
 
 FULL = Plan()
@@ -254,7 +259,7 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "parts": {"llm": plan.align_llm},
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
                      "learning_rate": plan.align_lr, "warmup_steps": 0.05, "logging_steps": 10,
-                     "save_steps": plan.align_steps, "seed": seed},
+                     "save_steps": plan.align_steps, "seed": seed, **_sampling(plan)},
         "overwrite": True,
     }
     _run_stage("align", cfg, out, load_config, train)
@@ -274,7 +279,8 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
         "training": {"max_steps": plan.instruct_steps, "per_device_train_batch_size": plan.instruct_batch,
                      "learning_rate": plan.instruct_lr, "warmup_steps": 0.05, "logging_steps": 10,
                      "save_steps": plan.instruct_steps, "eval_strategy": "steps",
-                     "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed},
+                     "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed,
+                     **_sampling(plan)},
         "overwrite": True,
     }
     _run_stage("instruct", cfg, out, load_config, train)
@@ -320,6 +326,10 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+def _sampling(plan: Plan) -> dict:
+    return {"train_sampling_strategy": "group_by_length"} if plan.group_by_length else {}
+
+
 def _all_texts(seed: int) -> list[str]:
     """Every string the world can say, for the tokenizers' vocabulary (held-out phrasings included: their
     characters are known words, only the phrasing is new)."""
