@@ -243,6 +243,10 @@ def test_easy_vqa_questions_become_single_turns_with_yes_no_subsampled():
                 assert sorted(str(q["conversations"]) for q in qs) == plain
             else:  # easy-VQA's mix after one more (balanced) plain yes/no question
                 assert len(qs) == len(plain) + 1
+        # plain_first_yes_no: the yes/no share of that first block (3 of 4 here)
+        qs = questions(rows * 3, seed=s, plain_first=4, plain_first_yes_no=0.75)
+        first = [(q["conversations"][0]["value"], q["conversations"][1]["value"]) for q in qs[:4]]
+        assert sum(a in ("yes", "no") for _, a in first) == 3 and not {q for q, _ in first} & negated
 
 
 # -- the real experts (make test-real) --------------------------------------------------------------------

@@ -196,7 +196,7 @@ def conversations(rows: list[dict], seed: int = 0) -> list[dict]:
 
 
 def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, plain_first: int = 0,
-              present_share: float = 0.0) -> list[dict]:
+              present_share: float = 0.0, plain_first_yes_no: float = 0.5) -> list[dict]:
     """One single-turn LLaVA conversation per question, asked as the test asks it (the picture, then the question,
     with no earlier answers about the picture to lean on), shuffled. Every colour and shape question is kept; the
     yes/no questions (74% of easy-VQA) are subsampled to as many as those (a seeded random choice), so that a short
@@ -210,13 +210,14 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     balance_yes_no is 0.5), within the negated and the plain questions each.
 
     plain_first: the first `plain_first` questions hold no negated yes/no question ("is there not a red shape?",
-    "is no circle present?"): half colour and shape questions, half plain yes/no ones; the rest follow, shuffled
-    among themselves. With negated and plain questions mixed, "what is asked about is there" says "yes" for one
-    half and "no" for the other, so its first gradient cancels out (the answer is an XOR of the picture and the
-    wording) and a short run learns only the wording's prior; the plain questions first let the picture matter,
-    and the negated ones then only flip it. Those first plain questions are balanced present/absent (as far as
-    the kept questions allow) even without balance_yes_no. The order reaches training only with
-    `training.train_sampling_strategy: sequential` (the Trainer shuffles otherwise).
+    "is no circle present?"): colour and shape questions and plain yes/no ones (half each by default); the rest
+    follow, shuffled among themselves. With negated and plain questions mixed, "what is asked about is there" says
+    "yes" for one half and "no" for the other, so its first gradient cancels out (the answer is an XOR of the
+    picture and the wording) and a short run learns only the wording's prior; the plain questions first let the
+    picture matter, and the negated ones then only flip it. Those first plain questions are balanced
+    present/absent (as far as the kept questions allow) even without balance_yes_no. plain_first_yes_no: the
+    yes/no share of that first block (0.5: half; the rest colour and shape questions). The order reaches training
+    only with `training.train_sampling_strategy: sequential` (the Trainer shuffles otherwise).
     """
     rng = random.Random(seed)
     open_qs = [r for r in rows if r["answer"] not in YES_NO]
@@ -226,10 +227,11 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
         yes_no = [r for negated in (False, True) for r in _balanced(
             [r for r in yes_no if _negated(r["question"]) == negated], rng, share)]
     extra: list[dict] = []
+    n_open = plain_first - round(plain_first * plain_first_yes_no)  # colour and shape questions in the first block
     if plain_first and not balance_yes_no:  # the first plain questions are balanced all the same (they are there
         # to make the picture matter), drawn from all of them; the rest keep easy-VQA's mix, as the test asks
         plain = [k for k, r in enumerate(yes_no) if not _negated(r["question"])]
-        n = plain_first - plain_first // 2
+        n = plain_first - n_open
         present = [k for k in plain if yes_no[k]["answer"] == "yes"]
         present = rng.sample(present, min(n // 2, len(present)))
         absent = [k for k in plain if yes_no[k]["answer"] == "no"]
@@ -240,9 +242,9 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
     kept = open_qs + rng.sample(yes_no, min(len(open_qs), len(yes_no)))
     rng.shuffle(kept)
     if plain_first:
-        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][: plain_first // 2]
+        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][:n_open]
         plain = [k for k, r in enumerate(kept) if r["answer"] in YES_NO and not _negated(r["question"])]
-        taken = set(opens + ([] if extra else plain[: plain_first - plain_first // 2]))
+        taken = set(opens + ([] if extra else plain[: plain_first - n_open]))
         first = [kept[k] for k in sorted(taken)] + extra
         rng.shuffle(first)
         rest = [r for k, r in enumerate(kept) if k not in taken]
@@ -262,14 +264,16 @@ def _balanced(yes_no: list[dict], rng: random.Random, share: float = 0.5) -> lis
 
 
 def _question_options(recipe: dict) -> dict:
-    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first, present_share)."""
+    """recipe.questions: the options of questions() a recipe may set (balance_yes_no, plain_first, present_share,
+    plain_first_yes_no)."""
     options = (recipe.get("recipe") or {}).get("questions") or {}
-    allowed = {"balance_yes_no": bool, "plain_first": int, "present_share": float}
+    allowed = {"balance_yes_no": bool, "plain_first": int, "present_share": float, "plain_first_yes_no": float}
     for key, value in options.items():
-        if key not in allowed or type(value) is not allowed[key] or key == "present_share" and not 0 <= value < 1:
+        if (key not in allowed or type(value) is not allowed[key] or key == "present_share" and not 0 <= value < 1
+                or key == "plain_first_yes_no" and not 0 <= value <= 1):
             raise ConfigError(f"recipe.questions.{key}: {value!r} is not an option of Stage II's questions; "
                               f"valid: balance_yes_no (true/false), plain_first (a number of questions), "
-                              f"present_share (a fraction below 1)")
+                              f"present_share (a fraction below 1), plain_first_yes_no (a fraction)")
     return options
 
 
