@@ -134,13 +134,9 @@ class EngineProcess(Admission):
     def _end(self, job: "RemoteJob", kind: str, value) -> None:
         if kind == "done":
             job.reply.__dict__.update(value.__dict__)
-        outcome = ("failed" if kind == "error" else "cancelled" if job.reply.finish_reason == "cancelled"
-                   else "completed")
         with self._lock:
             self._jobs.pop(job.key, None)
-            self.stats[outcome] += 1
-            if kind == "done" and job.reply.seconds:
-                self._seconds = 0.8 * self._seconds + 0.2 * job.reply.seconds
+            self._count_end(kind == "error", job.reply, job.reply.seconds if kind == "done" else None)
         job.slot.release()
 
     def _fail_all(self, message: str) -> None:

@@ -176,6 +176,12 @@ class Admission:
             self._in += 1
         return Slot(self)
 
+    def _count_end(self, failed: bool, reply, seconds: float | None) -> None:
+        """Count how a request ended (the caller holds `_lock`); its seconds go into the running average."""
+        self.stats["failed" if failed else "cancelled" if reply.finish_reason == "cancelled" else "completed"] += 1
+        if seconds:
+            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+
 
 class Scheduler(Admission):
     """Runs jobs on one engine, up to `max_batch` at once, with at most `max_queue` requests in (running or waiting)."""
@@ -363,11 +369,9 @@ class Scheduler(Admission):
 
     def _end(self, job: Job, error: Exception | None) -> None:
         seconds = time.perf_counter() - job.started
-        outcome = "failed" if error is not None else "cancelled" if job.reply.finish_reason == "cancelled" else "completed"
         with self._lock:
             job.status = "done"
-            self.stats[outcome] += 1
-            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+            self._count_end(error is not None, job.reply, seconds)
             if job in self._held:
                 self._held.remove(job)
         job.slot.release()  # before the last event, so a client that saw its answer end finds its slot free

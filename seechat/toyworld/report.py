@@ -32,13 +32,7 @@ def write_report(out: Path, metrics: dict) -> Path:
     losses = _plot_losses(out)
     grid = _plot_grid(out)
     lines = [
-        "# Toy world report",
-        "",
-        f"Built in {metrics.get('build_seconds', '?')} s (phases: {metrics.get('phase_seconds', {})}), seed {metrics['seed']}.",
-        "",
-        f"- test exact-answer accuracy: **{metrics['test_accuracy']:.1%}** ({metrics['n_test_questions']} questions)",
-        f"- held-out colour x shape combinations ({', '.join(metrics['heldout_combos'])}): "
-        f"**{metrics['heldout_combo_accuracy']:.1%}** ({metrics['n_heldout_questions']} questions)",
+        *summary_lines(metrics),
         "",
         "| question type | test | heldout_combos |",
         "|---|---|---|",
@@ -48,10 +42,28 @@ def write_report(out: Path, metrics: dict) -> Path:
             held = metrics.get("heldout_per_type", {}).get(qtype)
             lines.append(f"| {TYPE_NAMES[qtype]} | {metrics['per_type'][qtype]:.1%} | "
                          f"{'' if held is None else f'{held:.1%}'} |")
-    lines += ["", "## Sample test pictures and the model's answers", "", f"![answers]({grid.name})", "",
-              "## Loss curves", "", f"![losses]({losses.name})", "",
-              "Predictions: `eval/test/results.jsonl`, `eval/heldout_combos/results.jsonl`. "
-              "Chat with the model: `seechat chat --model " + str(out / "model") + "`.", ""]
+    lines += ["", "## Sample test pictures and the model's answers", ""]
+    return write_lines(out, lines, grid, losses)
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The report's title, build time and test / held-out combination accuracy (v1 and v2 alike)."""
+    return [
+        "# Toy world report",
+        "",
+        f"Built in {metrics.get('build_seconds', '?')} s (phases: {metrics.get('phase_seconds', {})}), seed {metrics['seed']}.",
+        "",
+        f"- test exact-answer accuracy: **{metrics['test_accuracy']:.1%}** ({metrics['n_test_questions']} questions)",
+        f"- held-out colour x shape combinations ({', '.join(metrics['heldout_combos'])}): "
+        f"**{metrics['heldout_combo_accuracy']:.1%}** ({metrics['n_heldout_questions']} questions)",
+    ]
+
+
+def write_lines(out: Path, lines: list[str], grid: Path, losses: Path) -> Path:
+    """Append the answer grid, the loss curves and where the predictions are; write OUT/report.md."""
+    lines = [*lines, f"![answers]({grid.name})", "", "## Loss curves", "", f"![losses]({losses.name})", "",
+             "Predictions: `eval/test/results.jsonl`, `eval/heldout_combos/results.jsonl`. "
+             "Chat with the model: `seechat chat --model " + str(out / "model") + "`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..report import TYPE_NAMES as _TYPE_NAMES_V1
-from ..report import _plot_losses, cjk_font
+from ..report import _plot_losses, cjk_font, summary_lines, write_lines
 from . import world
 
 TYPE_NAMES = {**_TYPE_NAMES_V1, "counting": "计数 counting", "exist": "存在 existence", "refer": "框出 refer-to-box (IoU>=0.5)",
@@ -23,13 +23,7 @@ def write_report(out: Path, metrics: dict) -> Path:
     losses = _plot_losses(out)
     grid = _plot_grid(out)
     lines = [
-        "# Toy world report",
-        "",
-        f"Built in {metrics.get('build_seconds', '?')} s (phases: {metrics.get('phase_seconds', {})}), seed {metrics['seed']}.",
-        "",
-        f"- test exact-answer accuracy: **{metrics['test_accuracy']:.1%}** ({metrics['n_test_questions']} questions)",
-        f"- held-out colour x shape combinations ({', '.join(metrics['heldout_combos'])}): "
-        f"**{metrics['heldout_combo_accuracy']:.1%}** ({metrics['n_heldout_questions']} questions)",
+        *summary_lines(metrics),
         f"- grounding Acc@0.5 **{_pct(metrics.get('grounding_acc50'))}** (mean IoU {metrics.get('grounding_miou')}), "
         f"counting **{_pct(metrics.get('counting_accuracy'))}**, detect-all F1 **{_pct(metrics.get('detect_f1'))}**",
         f"- `shift` split (rendered outside the training ranges): **{_pct(metrics.get('shift_accuracy'))}**; "
@@ -48,14 +42,8 @@ def write_report(out: Path, metrics: dict) -> Path:
         lines += ["", "Several pictures in one conversation (`multi` split):", "", "| kind | accuracy |", "|---|---|"]
         lines += [f"| {MULTI_NAMES.get(k, k)} | {_pct(v)} |" for k, v in multi.items()]
     lines += ["", "## Sample test pictures and the model's answers", "",
-              "Red boxes: the model's answers to refer-to-box and detect-all questions; green: the true boxes.", "",
-              f"![answers]({grid.name})", "",
-              "## Loss curves", "", f"![losses]({losses.name})", "",
-              "Predictions: `eval/test/results.jsonl`, `eval/heldout_combos/results.jsonl`. "
-              "Chat with the model: `seechat chat --model " + str(out / "model") + "`.", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+              "Red boxes: the model's answers to refer-to-box and detect-all questions; green: the true boxes.", ""]
+    return write_lines(out, lines, grid, losses)
 
 
 def _pct(v) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -31,6 +31,7 @@ from ...boxes import box_text
 
 from ..world import COLOURS, ENGLISH as _ENGLISH_V1, FOLLOWUP, IMAGE_SIZE, POSITIONS, QUESTIONS as _QUESTIONS_V1
 from ..world import SHAPES, YESNO, answer, heldout_combos
+from ..world import Scene as _SceneV1, Shape as _ShapeV1
 
 CELL = 16  # the vision expert's patch: no two shapes of a scene have their centres in the same one
 NUMBERS = {0: "零", 1: "一", 2: "两", 3: "三", 4: "四"}
@@ -92,13 +93,8 @@ SHIFT = Style(size=(8, 33), rotation=18, antialias=0.5, noise=(9, 12), blur=(0.7
 
 
 @dataclass
-class Shape:
-    colour: str
-    kind: str
-    position: str
-    box: tuple[int, int, int, int]
-    """(x0, y0, x1, y1) in pixels, tight around the drawn shape: what a grounding answer gives."""
-    rgb: tuple[int, int, int]
+class Shape(_ShapeV1):
+    """v1's shape (its box tight around the drawn shape here) and where and how it was drawn."""
     centre: tuple[float, float] = (0.0, 0.0)
     size: float = 0.0
     angle: float = 0.0
@@ -109,21 +105,13 @@ class Shape:
 
 
 @dataclass
-class Scene:
-    shapes: list[Shape]
-    background: tuple[int, int, int]
-    seed: int = 0
-    meta: dict = field(default_factory=dict)
+class Scene(_SceneV1):
+    """v1's scene of one to four shapes, drawn in a style."""
     style: Style = TRAIN
-
-    @property
-    def main(self) -> Shape:
-        return self.shapes[0]
 
     def caption(self) -> str:
         if len(self.shapes) == 1:
-            s = self.main
-            return f"一个{s.colour}的{s.kind}在{s.position}。"
+            return super().caption()
         listed = _listing([s.name for s in sorted(self.shapes, key=_reading_order)])
         return f"图中有{NUMBERS[len(self.shapes)]}个图形：{listed}。"
 
