@@ -227,24 +227,23 @@ def questions(rows: list[dict], seed: int = 0, balance_yes_no: bool = False, pla
         yes_no = [r for negated in (False, True) for r in _balanced(
             [r for r in yes_no if _negated(r["question"]) == negated], rng, share)]
     extra: list[dict] = []
-    n_open = plain_first - round(plain_first * plain_first_yes_no)  # colour and shape questions in the first block
+    n_yes_no = round(plain_first * plain_first_yes_no)  # plain yes/no questions in the first block; the rest open
     if plain_first and not balance_yes_no:  # the first plain questions are balanced all the same (they are there
         # to make the picture matter), drawn from all of them; the rest keep easy-VQA's mix, as the test asks
         plain = [k for k, r in enumerate(yes_no) if not _negated(r["question"])]
-        n = plain_first - n_open
         present = [k for k in plain if yes_no[k]["answer"] == "yes"]
-        present = rng.sample(present, min(n // 2, len(present)))
+        present = rng.sample(present, min(n_yes_no // 2, len(present)))
         absent = [k for k in plain if yes_no[k]["answer"] == "no"]
-        absent = rng.sample(absent, min(n - len(present), len(absent)))
+        absent = rng.sample(absent, min(n_yes_no - len(present), len(absent)))
         extra = [yes_no[k] for k in present + absent]
         taken = set(present + absent)
         yes_no = [r for k, r in enumerate(yes_no) if k not in taken]
     kept = open_qs + rng.sample(yes_no, min(len(open_qs), len(yes_no)))
     rng.shuffle(kept)
     if plain_first:
-        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][:n_open]
+        opens = [k for k, r in enumerate(kept) if r["answer"] not in YES_NO][: plain_first - n_yes_no]
         plain = [k for k, r in enumerate(kept) if r["answer"] in YES_NO and not _negated(r["question"])]
-        taken = set(opens + ([] if extra else plain[: plain_first - n_open]))
+        taken = set(opens + ([] if extra else plain[:n_yes_no]))
         first = [kept[k] for k in sorted(taken)] + extra
         rng.shuffle(first)
         rest = [r for k, r in enumerate(kept) if k not in taken]
