@@ -118,7 +118,8 @@ class SeeChatConfig:
     image_token: str = "<image>"
     """The placeholder token; each <image> marker in a user message becomes N of them."""
     image_start: str = ""
-    """Text put before each image's tokens (SEEChat V1 uses <Img>)."""
+    """Text put before each image's tokens (SEEChat V1 uses <Img>); `{n}` becomes the image's number in the
+    conversation, 1, 2, ... (e.g. "图{n}：", like Qwen-VL's "Picture 1: " labels)."""
     image_end: str = ""
     """Text put after each image's tokens (SEEChat V1 uses </Img>)."""
     system_prompt: str | None = None

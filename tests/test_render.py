@@ -74,3 +74,16 @@ def test_message_text_never_becomes_control_tokens(tmp_path):
         assert proc.render(_conversation(""), num_images=1, add_generation_prompt=True).input_ids == list(
             reference["input_ids"]), name
     assert names == [*sorted(TEMPLATES), "shipped"]
+
+
+def test_numbered_image_labels_count_across_the_conversation():
+    tok = train_tokenizer(sample_texts(), template="chatml", extra_tokens=("<image>",))
+    proc = SeeChatProcessor(tok, None, image_token="<image>", num_image_tokens=2, image_start="图{n}：")
+    messages = [{"role": "user", "content": "<image>\n<image>\n第二张是什么？"}, {"role": "assistant", "content": "红色。"},
+                {"role": "user", "content": "<image>\n它呢？{n}"}]
+    text = tok.decode(proc.render(messages, num_images=3, add_generation_prompt=True).input_ids)
+    image = "<image>" * 2
+    assert f"图1：{image}\n图2：{image}\n第二张是什么？" in text
+    assert f"图3：{image}\n它呢？{{n}}" in text  # the user's own "{n}" stays as written
+    plain = SeeChatProcessor(tok, None, image_token="<image>", num_image_tokens=2, image_start="<Img>")
+    assert tok.decode(plain.render(messages, num_images=3).input_ids).count("<Img>" + image) == 3

@@ -3,7 +3,8 @@
 The marker rule (the same for training data, the chat engine and the HTTP API):
 each `<image>` marker in a user message stands for the next image, in order; the number of markers
 must equal the number of images. A marker becomes `image_start` + N image tokens + `image_end`, where
-N is the bridge's token count. The chat template (from the model directory) then renders the
+N is the bridge's token count and `{n}` in image_start / image_end the image's number in the conversation
+(1, 2, ...: labels like Qwen-VL's "Picture 1:", so that 第二张 has something to point at). The chat template (from the model directory) then renders the
 conversation, and its {% generation %} blocks mark the assistant tokens that carry the loss.
 
 Message text never becomes control tokens: a user (or a training record) who writes `<|im_end|>` or
@@ -62,6 +63,7 @@ class SeeChatProcessor:
             raise ConfigError(f"the tokenizer has no token {image_token!r}; load the model with seechat.load()")
         self.image_token_id: int = ids[0]
         self._expanded = image_start + image_token * num_image_tokens + image_end
+        self._numbered = "{n}" in image_start + image_end
         # every added token (the template's control tokens, the end token, the image token) but whitespace ones
         control = sorted((t for t in tokenizer.get_added_vocab() if t.strip()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, control)) or "(?!)")
@@ -78,8 +80,10 @@ class SeeChatProcessor:
     ) -> Rendered:
         """Render `messages` ({'role', 'content'} dicts, content a string with <image> markers)."""
         markers = check_messages(messages, num_images)
-        msgs = [{"role": m["role"], "content": self._expanded.join(map(self._mark, m["content"].split(IMAGE_MARKER)))}
-                for m in messages]
+        number = iter(range(1, markers + 1))
+        msgs = [{"role": m["role"], "content": "".join(
+                    (self._image(next(number)) if i else "") + self._mark(piece)
+                    for i, piece in enumerate(m["content"].split(IMAGE_MARKER)))} for m in messages]
         if self.system_prompt and msgs and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self._mark(self.system_prompt)})
         template = self.tokenizer.chat_template or ""
@@ -106,6 +110,10 @@ class SeeChatProcessor:
         if with_labels:
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         return Rendered(ids, labels, markers)
+
+    def _image(self, n: int) -> str:
+        """What the n-th image of a conversation becomes (1-based)."""
+        return self._expanded.replace("{n}", str(n)) if self._numbered else self._expanded
 
     def _mark(self, text: str) -> str:
         """Message text with each control token in it wrapped in private-use marks (encoded as text later)."""
