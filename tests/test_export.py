@@ -146,6 +146,7 @@ def test_export_of_the_toy_model_gives_the_same_answers(quick_toyworld, tmp_path
         ({"bridge": "linear"}, "is 'linear'"),
         ({"vision": {"pool": "2x2"}}, "pools image tokens"),
         ({"vision": {"post_layernorm": True}}, "post_layernorm"),
+        ({"image_start": "图{n}："}, "number the pictures"),
     ],
 )
 def test_compositions_llava_cannot_express_are_refused(experts, change, reason):

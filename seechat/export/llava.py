@@ -27,6 +27,9 @@ def check_exportable(model: SeeChat) -> None:
         reasons.append(f"vision.pool {cfg.vision.pool!r} pools image tokens, which LLaVA cannot express")
     if cfg.vision.post_layernorm:
         reasons.append("vision.post_layernorm is not applied by LLaVA to the selected layer")
+    if "{n}" in cfg.image_start + cfg.image_end:
+        reasons.append("image_start / image_end number the pictures ({n}), but the exported chat template puts one "
+                       "fixed text before every picture")
     from ..model.cnn import FeatureMapExpert
 
     if isinstance(model.vision, FeatureMapExpert):
