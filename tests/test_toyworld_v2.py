@@ -129,3 +129,41 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     ref = json.loads((out / "data/test/refs.jsonl").read_text().splitlines()[0])
     assert len(ref["bbox"]) == 4 and ref["expression"]  # ready for `seechat eval grounding`
     assert main(["toyworld", "build", "--world", "v3"]) == 2
+
+
+def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):
+    """`Plan.llm_reads = "slots"`: the pretraining stand-in for a picture changes exactly where the picture
+    does, the text expert pretrained on it learns (loss falls) and `check` asks it questions through it."""
+    import dataclasses
+
+    import torch
+
+    from seechat.data.sources import llava_record
+    from seechat.toyworld.experts import ExpertSizes
+    from seechat.toyworld.v2.build import _all_texts
+    from seechat.toyworld.v2.experts import dense_targets, make_tokenizers
+    from seechat.toyworld.v2.slots import SceneSlots, check, train_llm_on_slots
+
+    scenes = world.sample_scenes(0, "test", 24)
+    a = scenes[0]
+    b = dataclasses.replace(a, shapes=[dataclasses.replace(a.shapes[0], colour="紫色" if a.shapes[0].colour != "紫色" else "红色")])
+    slots = SceneSlots(16)
+    with torch.no_grad():
+        x, y = slots(dense_targets([a, b], 4))
+    changed = sorted({int(i) for i in (x - y).abs().sum(-1).nonzero()})
+    cell = int(a.shapes[0].centre[1] // 16) * 4 + int(a.shapes[0].centre[0] // 16)
+    assert changed == [0, 1 + cell]  # the counts (CLS) and the shape's own patch, nothing else
+
+    tok, _ = make_tokenizers(_all_texts(0)[:400])
+    rng = random.Random(0)
+    names = {f"images/{i:05d}.png": s for i, s in enumerate(scenes)}
+    records = [llava_record({"image": n, "conversations": world.conversation(s, rng)}, "t") for n, s in names.items()]
+    losses = train_llm_on_slots(tmp_path / "llm", records, names, tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1),
+                                steps=40, batch=8, seed=0, image_start="图{n}：", info={"seed": 0})
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    assert json.loads((tmp_path / "llm/slots.json").read_text())["image_start"] == "图{n}："
+    (tmp_path / "data/test").mkdir(parents=True)
+    rows = [{"id": f"q{i}", "image": n, **q} for i, (n, s) in enumerate(names.items()) for q in world.questions(s, rng)[:2]]
+    (tmp_path / "data/test/qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    result = check(tmp_path, {"test": scenes}, n=6)
+    assert sum(len(v) for v in [result]) >= 1 and all(k.startswith("test:") and 0 <= v <= 1 for k, v in result.items())

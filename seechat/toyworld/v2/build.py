@@ -61,6 +61,15 @@ class Plan:
     """Weight of the dense head's shape-kind loss (the hardest thing for the vision expert to see)."""
     lm_steps: int = 200
     lm_batch: int = 16
+    llm_reads: str = "text"
+    """What stands in each picture's place while the text expert is pretrained: "slots" (`SceneSlots`: one
+    vector per image token saying what is there) on the Stage I/II records themselves, or "text" (the
+    grounded description, with the world's conversations)."""
+    slot_noise: float = 0.2
+    llm_layers: int = 3
+    image_start: str = ""
+    """Text before each picture's tokens; "图{n}：" numbers the pictures of a conversation."""
+    lm_lr: float = 3e-3
     align_steps: int = 1500
     """Stage I is where the text expert learns to read boxes: its grounded captions of the test pictures had every
     box right (IoU >= 0.5) for 74% / 10% of the shapes on one- / several-shape pictures after 500 steps, 98% / 49%
@@ -233,11 +242,26 @@ def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
     from .experts import ExpertSizes, lm_texts
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    bar = tqdm(total=plan.lm_steps, desc="text expert (GLM)", unit="step", leave=False)
+    if plan.llm_reads == "slots":
+        from ...data.sources import caption_record, llava_record
+        from .slots import train_llm_on_slots
+
+        scenes = {f"images/{i:05d}.png": s for i, s in enumerate(_scenes(plan, seed, "train"))}
+        rng = random.Random(f"slots:{seed}")
+        records = [llava_record(c, "train") for c in json.loads((out / "data/train/conversations.json").read_text())]
+        records += [caption_record(row["caption"], row["image"], "align", [ALIGN_PROMPT], rng)
+                    for row in map(json.loads, open(out / "data/train/align.jsonl", encoding="utf-8"))]
+        losses = train_llm_on_slots(out / "llm", records, scenes, tok, sizes=ExpertSizes(llm_layers=plan.llm_layers),
+                                    steps=plan.lm_steps, batch=plan.lm_batch, seed=seed, lr=plan.lm_lr,
+                                    noise=plan.slot_noise, image_start=plan.image_start,
+                                    info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar)
+        _losses(out, "llm", losses)
+        return
     grounded = json.loads((out / "data" / "grounded.json").read_text())
     convs = json.loads((out / "data" / "train" / "conversations.json").read_text())
     for c in convs:
         c["image"] = [f"train/{i}" for i in c["image"]] if isinstance(c["image"], list) else f"train/{c['image']}"
-    bar = tqdm(total=plan.lm_steps, desc="text expert (GLM)", unit="step", leave=False)
     train_grounded = {k: v for k, v in grounded.items() if k.startswith("train/")}
     texts = lm_texts(convs, train_grounded, tok, copy_prompt=ALIGN_PROMPT)
     losses = train_llm(out / "llm", texts, tok, sizes=ExpertSizes(), steps=plan.lm_steps, batch=plan.lm_batch,
@@ -253,7 +277,8 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "output_dir": str(out / "align"),
         "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
                              "keep_cls": plan.keep_cls, "pool": "2x2" if plan.patch_size == 8 else "none"},
-                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")}},
+                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")},
+                  "image_start": plan.image_start},
         "data": {"train": [{"path": str(out / "data/train/align.jsonl")}],
                  "prompts": [ALIGN_PROMPT], "max_length": MAX_LENGTH},
         "parts": {"llm": plan.align_llm},
