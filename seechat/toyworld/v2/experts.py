@@ -244,4 +244,3 @@ def lm_texts(conversations: list[dict], grounded: dict[str, str], tokenizer, *, 
             messages = [{"role": "user", "content": f"{text}\n{copy_prompt}"}, {"role": "assistant", "content": text}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return texts
-
