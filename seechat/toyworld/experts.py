@@ -126,12 +126,7 @@ def train_clip(out: Path, pixels: torch.Tensor, attributes: list[tuple[str, str,
                              for i in pick], dtype=torch.float)
         loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
                 + F.cross_entropy(logits.t(), fits.t() / fits.t().sum(1, keepdim=True))) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        step(loss, opt, sched, model.parameters(), losses)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -153,20 +148,47 @@ def lm_texts(scenes: list[world.Scene], tokenizer, seed: int) -> list[str]:
     return texts
 
 
-def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
-              lr: float = 3e-3, max_positions: int = 512, progress=None) -> list[float]:
-    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer.
-    `progress`: a tqdm bar to advance (one of its own otherwise); toy world v2 passes one it made earlier."""
+def new_llm(tokenizer, sizes: ExpertSizes, max_positions: int):
+    """A freshly initialised GLM-architecture causal LM of `sizes` over `tokenizer` (pad/eos/bos in its vocabulary)."""
     from transformers import GlmConfig, GlmForCausalLM
 
-    torch.manual_seed(seed)
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
            "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
     config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
                        num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=sizes.llm_hidden // 4, max_position_embeddings=max_positions, tie_word_embeddings=False,
                        **ids)
-    model = GlmForCausalLM(config)
+    return GlmForCausalLM(config)
+
+
+def step(loss: torch.Tensor, opt, sched, params, losses: list[float], bar=None, **shown: float) -> None:
+    """One optimiser step on `loss` (gradients clipped to norm 1), its value appended to `losses` and shown on `bar`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in shown.items()})
+
+
+def save_llm(model, tokenizer, out: Path) -> None:
+    """Save a trained text expert with its tokenizer; generation stops at the end token or the next user turn."""
+    model.eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
+              lr: float = 3e-3, max_positions: int = 512, progress=None) -> list[float]:
+    """Causal-LM pretraining of a GLM-architecture model on the world's text; saves it with its tokenizer.
+    `progress`: a tqdm bar to advance (one of its own otherwise); toy world v2 passes one it made earlier."""
+    torch.manual_seed(seed)
+    model = new_llm(tokenizer, sizes, max_positions)
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -180,18 +202,7 @@ def train_llm(out: Path, texts: list[str], tokenizer, *, sizes: ExpertSizes, ste
         width = int(enc.attention_mask[pick].sum(1).max())
         out_ = model(input_ids=enc.input_ids[pick, :width], attention_mask=enc.attention_mask[pick, :width],
                      labels=labels[pick, :width])
-        opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(out_.loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
+        step(out_.loss, opt, sched, model.parameters(), losses, bar)
     bar.close()
-    model.eval()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_llm(model, tokenizer, out)
     return losses

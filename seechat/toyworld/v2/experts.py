@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...tiny import train_tokenizer
-from ..experts import ExpertSizes, _cosine
+from ..experts import ExpertSizes, _cosine, step
 from . import world
 
 
@@ -185,15 +185,7 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
                 + F.cross_entropy(logits.t(), fits.t() / fits.t().sum(1, keepdim=True))) / 2
         picked = {k: v[pick] for k, v in targets.items()}
         dense, acc = head.loss(_pooled(out_.vision_model_output.hidden_states[-1]), picked)
-        total = loss + dense_weight * dense
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(total.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{total.item():.3f}", **{k: f"{v:.2f}" for k, v in acc.items()})
+        step(loss + dense_weight * dense, opt, sched, params, losses, bar, **acc)
     bar.close()
     model.eval()
     probe: dict[str, float] = {}

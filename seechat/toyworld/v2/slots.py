@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..experts import ExpertSizes, _cosine
+from ..experts import ExpertSizes, _cosine, new_llm, save_llm, step
 from . import world
 from .experts import dense_targets
 
@@ -83,18 +83,11 @@ def train_llm_on_slots(out: Path, records: list, scenes: dict[str, world.Scene],
     model with its tokenizer, and the slots (for `check`) in OUT/slots.safetensors, with `info` (the build's
     plan and seed) in OUT/slots.json."""
     from safetensors.torch import save_file
-    from transformers import GlmConfig, GlmForCausalLM
 
     from ...data.processor import IGNORE_INDEX
 
     torch.manual_seed(seed)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "bos_token_id": tokenizer.convert_tokens_to_ids("<sop>")}
-    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_hidden * 3,
-                       num_hidden_layers=sizes.llm_layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=sizes.llm_hidden // 4, max_position_embeddings=max_positions, tie_word_embeddings=False,
-                       **ids)
-    model = GlmForCausalLM(config)
+    model = new_llm(tokenizer, sizes, max_positions)
     slots = SceneSlots(sizes.llm_hidden)
     processor = _processor(tokenizer, image_start)
     names = list(scenes)
@@ -124,20 +117,9 @@ def train_llm_on_slots(out: Path, records: list, scenes: dict[str, world.Scene],
         if filled is not None:
             filled = filled + noise * filled.detach().std() * torch.randn_like(filled)
         loss = model(inputs_embeds=_embed(model, processor, input_ids, filled), attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        step(loss, opt, sched, params, losses, bar)
     bar.close()
-    model.eval()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_llm(model, tokenizer, out)
     save_file(slots.state_dict(), out / "slots.safetensors")
     (out / "slots.json").write_text(json.dumps({"width": sizes.llm_hidden, "image_start": image_start, **(info or {})}))
     return losses
