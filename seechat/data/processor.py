@@ -4,8 +4,9 @@ The marker rule (the same for training data, the chat engine and the HTTP API):
 each `<image>` marker in a user message stands for the next image, in order; the number of markers
 must equal the number of images. A marker becomes `image_start` + N image tokens + `image_end`, where
 N is the bridge's token count and `{n}` in image_start / image_end the image's number in the conversation
-(1, 2, ...: labels like Qwen-VL's "Picture 1:", so that 第二张 has something to point at). The chat template (from the model directory) then renders the
-conversation, and its {% generation %} blocks mark the assistant tokens that carry the loss.
+(1, 2, ...: labels like Qwen-VL's "Picture 1:", so that 第二张 has something to point at). The chat template
+(from the model directory) then renders the conversation, and its {% generation %} blocks mark the assistant
+tokens that carry the loss.
 
 Message text never becomes control tokens: a user (or a training record) who writes `<|im_end|>` or
 `<|user|>` gets those characters as ordinary text, so nobody can forge a system or assistant turn. The

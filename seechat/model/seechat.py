@@ -92,11 +92,7 @@ class SeeChat(nn.Module):
                 f"the input has {found} image tokens but the images give {given} embeddings "
                 f"({self.num_image_tokens} per image): each image needs exactly one <image> marker"
             )
-        # Image-token rows are replaced below, so any in-vocabulary id serves for the lookup.
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(mask, 0))
-        if found:
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), flat.to(embeds.dtype))
-        return embeds
+        return place_images(self.llm.get_input_embeddings(), input_ids, mask, flat if found else None)
 
     def forward(
         self,
@@ -157,6 +153,16 @@ class SeeChat(nn.Module):
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         if any(p.requires_grad for p in self.vision.parameters()):
             self.vision.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+
+
+def place_images(embedding: nn.Module, input_ids: torch.Tensor, image: torch.Tensor,
+                 flat: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with the rows where `image` (a mask of input_ids) is set replaced by `flat`, in order."""
+    # Image-token rows are replaced below, so any in-vocabulary id serves for the lookup.
+    embeds = embedding(input_ids.masked_fill(image, 0))
+    if flat is None:
+        return embeds
+    return embeds.masked_scatter(image.unsqueeze(-1), flat.to(embeds.dtype))
 
 
 def _plain_head(llm) -> bool:

@@ -64,12 +64,11 @@ def _processor(tokenizer, image_start: str):
 
 
 def _embed(model, processor, input_ids: torch.Tensor, filled: torch.Tensor | None) -> torch.Tensor:
-    """The text embeddings with the slots scattered into the image-token positions (as SeeChat.embed does)."""
-    image = input_ids == processor.image_token_id
-    embeds = model.get_input_embeddings()(input_ids.masked_fill(image, 0))
-    if filled is None:
-        return embeds
-    return embeds.masked_scatter(image.unsqueeze(-1), filled.reshape(-1, filled.shape[-1]).to(embeds.dtype))
+    """The text embeddings with the slots in the image-token positions (as the stitched model places images)."""
+    from ...model.seechat import place_images
+
+    flat = None if filled is None else filled.reshape(-1, filled.shape[-1])
+    return place_images(model.get_input_embeddings(), input_ids, input_ids == processor.image_token_id, flat)
 
 
 def train_llm_on_slots(out: Path, records: list, scenes: dict[str, world.Scene], tokenizer, *, sizes: ExpertSizes,
