@@ -105,14 +105,23 @@ def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
 def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):
     """`seechat toyworld build --world v2` with a micro plan (seconds): every phase runs for real; the numbers are
     those of a barely trained model, so only their presence and range are checked here."""
+    import dataclasses
+
     from seechat.__main__ import main
+    from seechat.errors import SeeChatError
     from seechat.toyworld.v2 import build as v2build
 
     micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
                          n_multi=1, clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, align_steps=2, align_batch=4,
                          instruct_steps=2, instruct_batch=4, max_new_tokens=24,
                          group_by_length=True)
-    monkeypatch.setattr(v2build, "QUICK", micro)
+    # the experts first, as `python -m seechat.toyworld.v2.make_experts` makes the shipped ones
+    from seechat.toyworld.v2.make_experts import make
+
+    made = make(tmp_path / "experts", tmp_path / "work", micro)
+    assert made["seconds"].keys() == {"data", "vision", "llm"} and made["plan"]["experts"] == "train"
+    assert {p.name for p in (tmp_path / "experts").iterdir()} == {"clip", "llm", "tokenizer", "made.json"}
+    monkeypatch.setattr(v2build, "QUICK", dataclasses.replace(micro, experts=str(tmp_path / "experts")))
     out = tmp_path / "v2"
     assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -128,7 +137,29 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
         assert (out / name).is_file(), name
     ref = json.loads((out / "data/test/refs.jsonl").read_text().splitlines()[0])
     assert len(ref["bbox"]) == 4 and ref["expression"]  # ready for `seechat eval grounding`
+    assert metrics["experts_made"]["from"] == str(tmp_path / "experts") and "vision" not in metrics["phase_seconds"]
     assert main(["toyworld", "build", "--world", "v3"]) == 2
+    # experts made with another plan are refused, saying what differs and what to do
+    bad = dataclasses.replace(micro, keep_cls=True, experts=str(tmp_path / "experts"))
+    with pytest.raises(SeeChatError, match="keep_cls=False.*make_experts"):
+        v2build.build(tmp_path / "v2b", plan=bad)
+
+
+def test_shipped_experts_are_what_the_full_plan_stitches():
+    """The experts shipped in seechat/toyworld/v2/pretrained/ load with from_pretrained and were made with the
+    plan fields the default build shares with them (a change of plan without new experts fails here)."""
+    from transformers import AutoTokenizer, CLIPVisionModel, GlmForCausalLM
+
+    from seechat.toyworld.v2.build import EXPERT_FIELDS, FULL, PRETRAINED
+
+    made = json.loads((PRETRAINED / "made.json").read_text())
+    assert {k: made["plan"][k] for k in EXPERT_FIELDS} == {k: getattr(FULL, k) for k in EXPERT_FIELDS}
+    assert made["plan"]["lm_steps"] == FULL.lm_steps and made["plan"]["llm_reads"] == FULL.llm_reads
+    llm = GlmForCausalLM.from_pretrained(PRETRAINED / "llm")
+    tok = AutoTokenizer.from_pretrained(PRETRAINED / "tokenizer")
+    assert llm.config.vocab_size >= len(tok) and llm.config.num_hidden_layers == FULL.llm_layers
+    vision = CLIPVisionModel.from_pretrained(PRETRAINED / "clip")
+    assert vision.config.image_size == world.IMAGE_SIZE and vision.config.patch_size == FULL.patch_size
 
 
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):
@@ -138,28 +169,37 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
 
     import torch
 
-    from seechat.data.sources import llava_record
+    import itertools
+
     from seechat.toyworld.experts import ExpertSizes
     from seechat.toyworld.v2.build import _all_texts
     from seechat.toyworld.v2.experts import dense_targets, make_tokenizers
-    from seechat.toyworld.v2.slots import SceneSlots, check, train_llm_on_slots
+    from seechat.toyworld.v2.slots import SceneSlots, check, fresh_records, train_llm_on_slots
 
     scenes = world.sample_scenes(0, "test", 24)
     a = scenes[0]
     b = dataclasses.replace(a, shapes=[dataclasses.replace(a.shapes[0], colour="紫色" if a.shapes[0].colour != "紫色" else "红色")])
-    slots = SceneSlots(16)
-    with torch.no_grad():
-        x, y = slots(dense_targets([a, b], 4))
-    changed = sorted({int(i) for i in (x - y).abs().sum(-1).nonzero()})
     cell = int(a.shapes[0].centre[1] // 16) * 4 + int(a.shapes[0].centre[0] // 16)
-    assert changed == [0, 1 + cell]  # the counts (CLS) and the shape's own patch, nothing else
+    for cls, expected in ((True, [0, 1 + cell]), (False, [cell])):  # the counts (CLS) and the shape's own patch
+        with torch.no_grad():
+            x, y = SceneSlots(16, cls=cls)(dense_targets([a, b], 4))
+        assert x.shape == (16 + cls, 16) and sorted({int(i) for i in (x - y).abs().sum(-1).nonzero()}) == expected
+
+    # fresh records: a new scene every time, the three kinds in their proportions, held-out pairs never drawn
+    drawn = list(itertools.islice(fresh_records(0, (2, 1, 1), "描述"), 200))
+    kinds = [("several" if len(sc) > 1 else "align" if r.messages[0]["content"].endswith("描述") else "one")
+             for r, sc in drawn]
+    assert 70 < kinds.count("align") < 130 and kinds.count("several") > 25 and kinds.count("one") > 25
+    shapes = [(sh.colour, sh.kind) for _, sc in drawn for s in sc for sh in s.shapes]
+    assert not set(shapes) & set(world.heldout_combos(0))
+    assert len({repr(s.shapes) for _, sc in drawn for s in sc}) == sum(len(sc) for _, sc in drawn)
 
     tok, _ = make_tokenizers(_all_texts(0)[:400])
     rng = random.Random(0)
     names = {f"images/{i:05d}.png": s for i, s in enumerate(scenes)}
-    records = [llava_record({"image": n, "conversations": world.conversation(s, rng)}, "t") for n, s in names.items()]
-    losses = train_llm_on_slots(tmp_path / "llm", records, names, tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1),
-                                steps=40, batch=8, seed=0, image_start="图{n}：", info={"seed": 0})
+    losses = train_llm_on_slots(tmp_path / "llm", tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1),
+                                steps=40, batch=8, seed=0, weights=(1, 1, 0), prompt="描述", image_start="图{n}：",
+                                info={"seed": 0})
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert json.loads((tmp_path / "llm/slots.json").read_text())["image_start"] == "图{n}："
     (tmp_path / "data/test").mkdir(parents=True)

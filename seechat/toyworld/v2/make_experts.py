@@ -1,0 +1,65 @@
+"""Make the toy world v2's pretrained experts: the vision expert (CLIP, with its dense heads dropped) and the
+text expert (GLM, pretrained on `SceneSlots`) that `seechat toyworld build --world v2` stitches, as a user's
+build would stitch experts fetched from a hub.
+
+    python -m seechat.toyworld.v2.make_experts [--dest seechat/toyworld/v2/pretrained] [--work DIR] [--lm-steps N]
+
+They are made by the build's own data, vision and llm phases (Plan(experts="train")), here once, for longer than
+a build can afford, and shipped with seechat (about 7 MB); DEST/made.json records the plan, the seed, the
+seconds each phase took and the threads it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from . import build as b
+
+
+def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
+    """Run the data, vision and llm phases into `work`, then copy the experts into `dest`."""
+    import torch
+
+    plan = dataclasses.replace(plan, experts="train")
+    work.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for name, fn in (("data", b._data), ("vision", b._vision), ("llm", b._llm)):
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        fn(work, plan, seed, {})
+        seconds[name] = round(time.perf_counter() - t, 1)
+    dest.mkdir(parents=True, exist_ok=True)
+    for d in ("clip", "llm", "tokenizer"):
+        shutil.rmtree(dest / d, ignore_errors=True)
+        shutil.copytree(work / d, dest / d)
+    info = {"plan": dataclasses.asdict(plan), "seed": seed, "seconds": seconds, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
+            "command": "python -m seechat.toyworld.v2.make_experts"
+                       + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")}
+    (dest / "made.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ...cli_helpers import quiet_hf
+
+    parser = argparse.ArgumentParser(prog="python -m seechat.toyworld.v2.make_experts",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--dest", type=Path, default=b.PRETRAINED, help="where the experts go (default: seechat's own)")
+    parser.add_argument("--work", type=Path, default=Path("runs/toyworld_v2_experts"), help="data and scratch")
+    parser.add_argument("--lm-steps", type=int, default=b.FULL.lm_steps, help="text expert pretraining steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quiet_hf()
+    info = make(args.dest, args.work, dataclasses.replace(b.FULL, lm_steps=args.lm_steps), args.seed)
+    print(f"experts in {args.dest}: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["seconds"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
