@@ -115,15 +115,17 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
                          n_multi=1, clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, align_steps=2, align_batch=4,
                          instruct_steps=2, instruct_batch=4, max_new_tokens=24,
                          group_by_length=True)
-    # the experts first, as `python -m seechat.toyworld.v2.make_experts` makes the shipped ones
-    from seechat.toyworld.v2.make_experts import make
-
-    made = make(tmp_path / "experts", tmp_path / "work", micro)
-    assert made["seconds"].keys() == {"data", "vision", "llm"} and made["plan"]["experts"] == "train"
-    assert {p.name for p in (tmp_path / "experts").iterdir()} == {"clip", "llm", "tokenizer", "made.json"}
-    monkeypatch.setattr(v2build, "QUICK", dataclasses.replace(micro, experts=str(tmp_path / "experts")))
+    # no pretrained experts on this machine yet: the build makes them once (`make_experts`, here with the micro
+    # plan) in the cache, then stitches them
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SEECHAT_TOY_EXPERTS", str(cache))
+    monkeypatch.setattr(v2build, "EXPERTS_PLAN", micro)
+    monkeypatch.setattr(v2build, "QUICK", micro)
     out = tmp_path / "v2"
     assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(out)]) == 0
+    made = json.loads((cache / "made.json").read_text())
+    assert made["seconds"].keys() == {"data", "vision", "llm"} and made["plan"]["experts"] == "train"
+    assert {p.name for p in cache.iterdir()} == {"clip", "llm", "tokenizer", "made.json"}  # scratch removed
     printed = capsys.readouterr().out
     assert "grounding Acc@0.5" in printed and "several pictures" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -137,29 +139,12 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
         assert (out / name).is_file(), name
     ref = json.loads((out / "data/test/refs.jsonl").read_text().splitlines()[0])
     assert len(ref["bbox"]) == 4 and ref["expression"]  # ready for `seechat eval grounding`
-    assert metrics["experts_made"]["from"] == str(tmp_path / "experts") and "vision" not in metrics["phase_seconds"]
+    assert metrics["experts_made"]["from"] == str(cache) and "vision" not in metrics["phase_seconds"]
     assert main(["toyworld", "build", "--world", "v3"]) == 2
     # experts made with another plan are refused, saying what differs and what to do
-    bad = dataclasses.replace(micro, keep_cls=True, experts=str(tmp_path / "experts"))
+    bad = dataclasses.replace(micro, keep_cls=True, experts=str(cache))
     with pytest.raises(SeeChatError, match="keep_cls=False.*make_experts"):
         v2build.build(tmp_path / "v2b", plan=bad)
-
-
-def test_shipped_experts_are_what_the_full_plan_stitches():
-    """The experts shipped in seechat/toyworld/v2/pretrained/ load with from_pretrained and were made with the
-    plan fields the default build shares with them (a change of plan without new experts fails here)."""
-    from transformers import AutoTokenizer, CLIPVisionModel, GlmForCausalLM
-
-    from seechat.toyworld.v2.build import EXPERT_FIELDS, FULL, PRETRAINED
-
-    made = json.loads((PRETRAINED / "made.json").read_text())
-    assert {k: made["plan"][k] for k in EXPERT_FIELDS} == {k: getattr(FULL, k) for k in EXPERT_FIELDS}
-    assert made["plan"]["lm_steps"] == FULL.lm_steps and made["plan"]["llm_reads"] == FULL.llm_reads
-    llm = GlmForCausalLM.from_pretrained(PRETRAINED / "llm")
-    tok = AutoTokenizer.from_pretrained(PRETRAINED / "tokenizer")
-    assert llm.config.vocab_size >= len(tok) and llm.config.num_hidden_layers == FULL.llm_layers
-    vision = CLIPVisionModel.from_pretrained(PRETRAINED / "clip")
-    assert vision.config.image_size == world.IMAGE_SIZE and vision.config.patch_size == FULL.patch_size
 
 
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):

@@ -6,8 +6,8 @@ conversation, a shifted renderer), offline on CPU. Not the default world: see th
 Phases (each skipped when a previous run with the same settings finished it):
   data      synthetic pictures, captions, boxes and conversations:
             OUT/data/{train,val,test,heldout_combos,shift,phrasing,multi}/
-  experts   the pretrained experts shipped in seechat/toyworld/v2/pretrained/ (made once, by
-            `python -m seechat.toyworld.v2.make_experts`, with the two phases below): OUT/clip/, OUT/llm/
+  experts   the pretrained experts, made once per machine (`python -m seechat.toyworld.v2.make_experts`, the two
+            phases below, for longer; ~/.cache/seechat/toyworld_v2_experts) and copied: OUT/clip/, OUT/llm/
   (vision)  with Plan(experts="train") instead: a CLIP model trained contrastively on the captions and, through
             heads dropped afterwards, densely on its patches (what is where): OUT/clip/ (vision + text towers)
   (llm)     and a GLM-architecture LM with a per-character tokenizer, pretrained reading `SceneSlots` in place
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class Plan:
     """What stands in each picture's place while the text expert is pretrained: "slots" (`SceneSlots`: one
     vector per image token saying what is there, in Stage I/II records over scenes drawn anew each step) or
     "text" (the grounded description, with the world's conversations: the build's recipe until the experts
-    were pretrained once and shipped, `lm_steps` 200)."""
+    were pretrained once per machine, `lm_steps` 200)."""
     slot_noise: float = 0.2
     """With llm_reads "slots": Gaussian noise added to them, times their spread."""
     llm_layers: int = 3
@@ -101,9 +102,10 @@ class Plan:
     the right colours and shapes, wrongly paired and ordered: it read the counts, not the patches); without
     it, 98% after 3,000 (60 pictures each, true slots)."""
     experts: str = "pretrained"
-    """Where the vision and text experts come from: "pretrained" (the ones shipped in
-    seechat/toyworld/v2/pretrained/, made by `python -m seechat.toyworld.v2.make_experts`), a folder made by
-    that command, or "train" (trained in this build: the vision and llm phases)."""
+    """Where the vision and text experts come from: "pretrained" (made once per machine by `make_experts` into
+    `pretrained_dir()`, on the first build that needs them, then reused), a folder made by
+    `python -m seechat.toyworld.v2.make_experts --dest DIR`, or "train" (trained in this build: the vision and
+    llm phases)."""
     group_by_length: bool = False
     """Stage I/II batches of samples of similar length (the Trainer's length-grouped sampler). Stage II's
     conversations vary from about 60 to 240 tokens and random batches of 16 are padded to 1.44x their tokens;
@@ -252,22 +254,38 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     (out / "losses" / "vision_probe.json").write_text(json.dumps(probe))
 
 
-PRETRAINED = Path(__file__).parent / "pretrained"
+def pretrained_dir() -> Path:
+    """Where the toy world v2's pretrained experts are made once and reused: $SEECHAT_TOY_EXPERTS, else
+    ~/.cache/seechat/toyworld_v2_experts (weights are built, not committed, like a hub's download cache)."""
+    env = os.environ.get("SEECHAT_TOY_EXPERTS")
+    return Path(env) if env else Path.home() / ".cache" / "seechat" / "toyworld_v2_experts"
+
+
 EXPERT_FIELDS = ("patch_size", "keep_cls", "llm_layers", "image_start", "feature_layer")
 """Plan fields the bridge and the records must share with the experts' own plan."""
+EXPERTS_PLAN: Plan | None = None
+"""The plan pretrained experts are made with when missing (None: FULL)."""
 
 
 def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     """Copy pretrained experts (vision expert, text expert, its tokenizer) into OUT, as the vision and llm
-    phases would have left them."""
+    phases would have left them; with `experts="pretrained"`, make them first if this machine has none yet
+    (`make_experts`, about 23 minutes on 2 cores, once)."""
     from ...errors import SeeChatError
 
-    src = PRETRAINED if plan.experts == "pretrained" else Path(plan.experts)
+    src = pretrained_dir() if plan.experts == "pretrained" else Path(plan.experts)
     made = src / "made.json"
+    if not made.is_file() and plan.experts == "pretrained":
+        from .make_experts import make
+
+        log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 23 minutes on 2 CPU "
+                    "cores; every later build reuses them)", src)
+        make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
+        shutil.rmtree(src / "work", ignore_errors=True)
     if not made.is_file():
         raise SeeChatError(f"no pretrained toy experts in {src} (no made.json): make them with "
                            f"`python -m seechat.toyworld.v2.make_experts --dest {src}`, or build with "
-                           "Plan(experts='train')")
+                           "Plan(experts='pretrained') to make them in the cache, or Plan(experts='train')")
     info = json.loads(made.read_text())
     differ = [f"{k}={info['plan'][k]!r}" for k in EXPERT_FIELDS if info["plan"].get(k) != getattr(plan, k)]
     if differ:

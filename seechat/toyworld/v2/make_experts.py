@@ -2,11 +2,11 @@
 text expert (GLM, pretrained on `SceneSlots`) that `seechat toyworld build --world v2` stitches, as a user's
 build would stitch experts fetched from a hub.
 
-    python -m seechat.toyworld.v2.make_experts [--dest seechat/toyworld/v2/pretrained] [--work DIR] [--lm-steps N]
+    python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
 
-They are made by the build's own data, vision and llm phases (Plan(experts="train")), here once, for longer than
-a build can afford, and shipped with seechat (about 7 MB); DEST/made.json records the plan, the seed, the
-seconds each phase took and the threads it had.
+They are made by the build's own data, vision and llm phases (Plan(experts="train")), once per machine, for
+longer than a build can afford (about 23 minutes on 2 cores; the first v2 build does it when they are missing);
+DEST/made.json records the plan, the seed, the seconds each phase took and the threads it had.
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m seechat.toyworld.v2.make_experts",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--dest", type=Path, default=b.PRETRAINED, help="where the experts go (default: seechat's own)")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help="where the experts go (default: $SEECHAT_TOY_EXPERTS or ~/.cache/seechat/toyworld_v2_experts)")
     parser.add_argument("--work", type=Path, default=Path("runs/toyworld_v2_experts"), help="data and scratch")
     parser.add_argument("--lm-steps", type=int, default=b.FULL.lm_steps, help="text expert pretraining steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quiet_hf()
+    args.dest = args.dest or b.pretrained_dir()
     info = make(args.dest, args.work, dataclasses.replace(b.FULL, lm_steps=args.lm_steps), args.seed)
     print(f"experts in {args.dest}: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["seconds"].items()))
     return 0

@@ -4,7 +4,7 @@
 reading order, optionally after a CLS token), each the sum of learnt embeddings of what `dense_targets` says is
 there (a patch: empty, or a shape's colour, kind, named position and the four box coordinates, and which patch
 it is; CLS: every count). `train_llm_on_slots` pretrains the text expert on Stage I/II records over scenes
-drawn anew with the pictures so filled (how the shipped toy text expert is made: `make_experts`), and `check`
+drawn anew with the pictures so filled (how the pretrained toy text expert is made: `make_experts`), and `check`
 asks the test questions with the true slots: how well the text expert answers when what it reads is exactly
 right, which tells a reading (vision, bridge) problem from a reasoning one.
 
