@@ -12,7 +12,7 @@ Phases (each skipped when a previous run with the same settings finished it):
             heads dropped afterwards, densely on its patches (what is where): OUT/clip/ (vision + text towers)
   (llm)     and a GLM-architecture LM with a per-character tokenizer, pretrained reading `SceneSlots` in place
             of pictures: OUT/llm/
-  align     Stage I with `seechat train align` (bridge + text expert) on captions with every box: OUT/align/
+  align     Stage I with `seechat train align` (the bridge; `Plan.align_llm`) on captions with every box: OUT/align/
   instruct  Stage II with `seechat train instruct` (bridge + text expert) on conversations: OUT/instruct/
   evaluate  accuracy per question type on every evaluation split, boxes scored by IoU: OUT/model/,
             OUT/metrics.json, OUT/report.md
@@ -267,6 +267,13 @@ EXPERTS_PLAN: Plan | None = None
 """The plan pretrained experts are made with when missing (None: FULL)."""
 
 
+def copy_experts(src: Path, dst: Path) -> None:
+    """The vision expert, the text expert and its tokenizer, from one build or experts folder to another."""
+    for d in ("clip", "llm", "tokenizer"):
+        shutil.rmtree(dst / d, ignore_errors=True)
+        shutil.copytree(src / d, dst / d)
+
+
 def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     """Copy pretrained experts (vision expert, text expert, its tokenizer) into OUT, as the vision and llm
     phases would have left them; with `experts="pretrained"`, make them first if this machine has none yet
@@ -291,9 +298,7 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     if differ:
         raise SeeChatError(f"the experts in {src} were made with {', '.join(differ)}, which this build's plan does "
                            "not share: make new ones with `python -m seechat.toyworld.v2.make_experts`")
-    for d in ("clip", "llm", "tokenizer"):
-        shutil.rmtree(out / d, ignore_errors=True)
-        shutil.copytree(src / d, out / d)
+    copy_experts(src, out)
     (out / "losses").mkdir(exist_ok=True)
     (out / "losses" / "vision_probe.json").write_text(json.dumps(info["vision_probe"]))
     (out / "losses" / "experts_made.json").write_text(json.dumps({"from": str(src), **info}))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +33,7 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
         fn(work, plan, seed, {})
         seconds[name] = round(time.perf_counter() - t, 1)
     dest.mkdir(parents=True, exist_ok=True)
-    for d in ("clip", "llm", "tokenizer"):
-        shutil.rmtree(dest / d, ignore_errors=True)
-        shutil.copytree(work / d, dest / d)
+    b.copy_experts(work, dest)
     info = {"plan": dataclasses.asdict(plan), "seed": seed, "seconds": seconds, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"

@@ -85,8 +85,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float], prompt: str) -
     build's training split; held-out colour x shape pairs never appear."""
     from ...data.sources import caption_record, llava_record
 
-    held = set(world.heldout_combos(seed))
-    combos = [(c, k) for c in world.COLOURS for k in world.SHAPES if (c, k) not in held]
+    combos = world.training_combos(seed)
     rng = random.Random(f"slots-fresh:{seed}")
 
     def single() -> world.Scene:

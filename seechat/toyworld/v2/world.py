@@ -260,17 +260,19 @@ def _gap(a, b) -> float:
     return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
 
 
+def training_combos(seed: int) -> list[tuple[str, str]]:
+    """The colour x shape pairs every split but heldout_combos draws from."""
+    held = set(heldout_combos(seed))
+    return [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in held]
+
+
 def sample_scenes(seed: int, split: str, n: int, *, multi: float = 0.0, style: Style = TRAIN) -> list[Scene]:
     """`n` scenes of a split: one-shape scenes, and a share `multi` of scenes with 2-4 shapes.
 
     train/val/test/shift avoid the held-out combinations, heldout_combos uses only them.
     """
-    held = set(heldout_combos(seed))
     rng = random.Random(f"{split}:{seed}")
-    if split == "heldout_combos":
-        combos = sorted(held)
-    else:
-        combos = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in held]
+    combos = sorted(heldout_combos(seed)) if split == "heldout_combos" else training_combos(seed)
     n_multi = int(round(n * multi))
     scenes = []
     for i in range(n - n_multi):
