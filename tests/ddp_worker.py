@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from seechat.train.config import load_config
-from seechat.train.run import train
+from seechat.train.run import finish_distributed, train
 from seechat.train.trainer import SeeChatTrainer
 
 seen: list[int] = []
@@ -33,3 +33,4 @@ if __name__ == "__main__":
               str(out / f"rank{rank}_bridge.safetensors"))
     losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
     (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "losses": losses}))
+    finish_distributed()

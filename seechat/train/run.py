@@ -69,7 +69,18 @@ def main(argv: list[str]) -> int:
         i += 1
     setup_logging()
     train(stage, load_config(config_path, overrides, stage))
+    finish_distributed()
     return 0
+
+
+def finish_distributed() -> None:
+    """Under torchrun: wait for every rank, then close the process group before the process exits. A rank that
+    exits while another still saves closes its gloo connections under it, and that rank aborts (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @dataclass
