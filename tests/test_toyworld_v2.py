@@ -34,8 +34,16 @@ def test_scenes_of_several_shapes_and_their_questions():
         asked = re.search("(.色的(?:圆形|正方形|三角形|星形))", qs["exist"]["question"]).group(1)  # repeated, then the verdict
         assert qs["exist"]["answer"].startswith(f"问的是{asked}。图中是")
         assert qs["exist"]["answer"].endswith("所以有。" if asked in {s.name for s in scene.shapes} else "所以没有。")
-        if "图形" in qs["counting"]["question"] and "的" not in qs["counting"]["question"]:
-            assert qs["counting"]["answer"] == world.count_answer(len(scene.shapes))
+        in_order = sorted(scene.shapes, key=world._reading_order)  # each shape checked inline, in reading order
+        marks = re.findall("（(.+?)）", qs["exist"]["answer"])
+        assert marks == ["是" if s.name == asked else "不是" for s in in_order]
+        count = qs["counting"]  # what is counted, each shape numbered as it comes or marked, then the count
+        what = re.match("数的是(.+?)。", count["answer"]).group(1)
+        assert what == "所有图形" or what.rstrip("的") in count["question"]
+        hits = [s for s in in_order if what == "所有图形" or what.rstrip("的") in (s.colour, s.kind)]
+        assert re.findall("（(.+?)）", count["answer"]) == ["一二三四"[hits.index(s)] if s in hits else "不是"
+                                                            for s in in_order]
+        assert count["answer"].endswith(f"共{world.NUMBERS[len(hits)]}个。" if hits else "一个也没有。")
         # the description lists the shapes in reading order, and the boxes after it follow the same order
         boxes = parse_boxes(scene.grounded())
         assert [b.ref for b in boxes] == [n for n in re.split("[：、和。]", scene.caption())[1:] if n]
@@ -76,6 +84,16 @@ def test_several_picture_questions_are_consistent():
                 assert rec["answer"] == pick[-1].caption()  # the newest picture is described
             if kind == "which" and "第一张" in rec["question"] and "颜色" in rec["question"]:
                 assert rec["answer"] == pick[0].main.colour + "。"
+            if kind == "compare":  # every picture said with its check next to it, then the verdict
+                said = re.findall("(第.张)是(.+?)(?:的)?(?:（(.+?)）)?[，]", rec["answer"])
+                assert [o for o, _, _ in said] == [world.ORDINALS[k] for k in range(len(pick))]
+                values = [v for _, v, _ in said]
+                if "一样吗" in rec["question"]:
+                    assert [m for _, _, m in said][1:] == ["相同" if v == values[0] else "不同" for v in values[1:]]
+                    assert rec["answer"].endswith("所以一样。" if len(set(values)) == 1 else "所以不一样。")
+                else:
+                    target = re.search("(?:有|是)(.+?)(?:的)?？", rec["question"]).group(1)
+                    assert [m for _, _, m in said] == ["是" if v == target else "不是" for v in values]
         convo = world.multi_conversation(pick, rng)
         assert sum(t["value"].count("<image>") for t in convo) == len(pick)
         assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)
@@ -145,6 +163,12 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     bad = dataclasses.replace(micro, keep_cls=True, experts=str(cache))
     with pytest.raises(SeeChatError, match="keep_cls=False.*make_experts"):
         v2build.build(tmp_path / "v2b", plan=bad)
+    # experts that learnt an older wording of the answers: a folder given is refused, the cache is made anew
+    (cache / "made.json").write_text(json.dumps({**made, "answers": world.ANSWERS - 1}))
+    with pytest.raises(SeeChatError, match="answers worded as version"):
+        v2build.build(tmp_path / "v2c", plan=dataclasses.replace(micro, experts=str(cache)))
+    assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(tmp_path / "v2d")]) == 0
+    assert json.loads((cache / "made.json").read_text())["answers"] == world.ANSWERS
 
 
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):
@@ -171,10 +195,14 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
         assert x.shape == (16 + cls, 16) and sorted({int(i) for i in (x - y).abs().sum(-1).nonzero()}) == expected
 
     # fresh records: a new scene every time, the three kinds in their proportions, held-out pairs never drawn
-    drawn = list(itertools.islice(fresh_records(0, (2, 1, 1), "描述"), 200))
-    kinds = [("several" if len(sc) > 1 else "align" if r.messages[0]["content"].endswith("描述") else "one")
-             for r, sc in drawn]
-    assert 70 < kinds.count("align") < 130 and kinds.count("several") > 25 and kinds.count("one") > 25
+    drawn = list(itertools.islice(fresh_records(0, (2, 1, 1, 1), "描述"), 250))
+    kinds = [("text" if not sc else "several" if len(sc) > 1 else "align" if r.messages[0]["content"].endswith("描述")
+              else "one") for r, sc in drawn]
+    assert 70 < kinds.count("align") < 130 and min(kinds.count(k) for k in ("several", "one", "text")) > 25
+    for r, sc in drawn:  # text-only conversations: what is there is said in the question, no picture
+        if not sc:
+            assert not r.images and "<image>" not in r.messages[0]["content"]
+            assert re.match("(图中是|第一张是)", r.messages[0]["content"]) and "所以" in r.messages[1]["content"] + "所以"
     shapes = [(sh.colour, sh.kind) for _, sc in drawn for s in sc for sh in s.shapes]
     assert not set(shapes) & set(world.heldout_combos(0))
     assert len({repr(s.shapes) for _, sc in drawn for s in sc}) == sum(len(sc) for _, sc in drawn)
@@ -183,7 +211,7 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
     rng = random.Random(0)
     names = {f"images/{i:05d}.png": s for i, s in enumerate(scenes)}
     losses = train_llm_on_slots(tmp_path / "llm", tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1),
-                                steps=40, batch=8, seed=0, weights=(1, 1, 0), prompt="描述", image_start="图{n}：",
+                                steps=40, batch=8, seed=0, weights=(1, 1, 0, 0), prompt="描述", image_start="图{n}：",
                                 info={"seed": 0})
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert json.loads((tmp_path / "llm/slots.json").read_text())["image_start"] == "图{n}："

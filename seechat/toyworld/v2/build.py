@@ -72,6 +72,9 @@ class Plan:
     were pretrained once per machine, `lm_steps` 200)."""
     slot_noise: float = 0.2
     """With llm_reads "slots": Gaussian noise added to them, times their spread."""
+    lm_text_share: float = 0.15
+    """With llm_reads "slots": share of text-only conversations (`world.in_words`) in the text expert's
+    pretraining."""
     llm_layers: int = 3
     lm_lr: float = 3e-3
     image_start: str = ""
@@ -282,11 +285,18 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
 
     src = pretrained_dir() if plan.experts == "pretrained" else Path(plan.experts)
     made = src / "made.json"
-    if not made.is_file() and plan.experts == "pretrained":
+    stale = made.is_file() and json.loads(made.read_text()).get("answers", 1) != world.ANSWERS
+    if (stale or not made.is_file()) and plan.experts == "pretrained":
         from .make_experts import make
 
-        log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 23 minutes on 2 CPU "
-                    "cores; every later build reuses them)", src)
+        if stale:
+            log.warning("toy world: the pretrained toy experts in %s learnt answers worded as in an older seechat: "
+                        "making them anew (about 23 minutes on 2 CPU cores, once)", src)
+            for d in ("clip", "llm", "tokenizer", "made.json"):
+                shutil.rmtree(src / d, ignore_errors=True) if d != "made.json" else made.unlink()
+        else:
+            log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 23 minutes on 2 "
+                        "CPU cores; every later build reuses them)", src)
         make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
         shutil.rmtree(src / "work", ignore_errors=True)
     if not made.is_file():
@@ -295,6 +305,8 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
                            "Plan(experts='pretrained') to make them in the cache, or Plan(experts='train')")
     info = json.loads(made.read_text())
     differ = [f"{k}={info['plan'][k]!r}" for k in EXPERT_FIELDS if info["plan"].get(k) != getattr(plan, k)]
+    if info.get("answers", 1) != world.ANSWERS:
+        differ.append(f"answers worded as version {info.get('answers', 1)} (this seechat: {world.ANSWERS})")
     if differ:
         raise SeeChatError(f"the experts in {src} were made with {', '.join(differ)}, which this build's plan does "
                            "not share: make new ones with `python -m seechat.toyworld.v2.make_experts`")
@@ -302,6 +314,13 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     (out / "losses").mkdir(exist_ok=True)
     (out / "losses" / "vision_probe.json").write_text(json.dumps(info["vision_probe"]))
     (out / "losses" / "experts_made.json").write_text(json.dumps({"from": str(src), **info}))
+
+
+def _lm_weights(plan: Plan) -> tuple[float, float, float, float]:
+    """Shares of captions, one-picture and several-picture conversations (as in the build's data) and
+    text-only ones (`Plan.lm_text_share`) in the text expert's pretraining."""
+    pictures = (plan.n_train, plan.n_train, plan.n_multi_train)
+    return (*pictures, sum(pictures) * plan.lm_text_share / (1 - plan.lm_text_share))
 
 
 def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
@@ -317,7 +336,7 @@ def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
 
         losses = train_llm_on_slots(out / "llm", tok, sizes=ExpertSizes(llm_layers=plan.llm_layers),
                                     steps=plan.lm_steps, batch=plan.lm_batch, seed=seed, lr=plan.lm_lr,
-                                    weights=(plan.n_train, plan.n_train, plan.n_multi_train), prompt=ALIGN_PROMPT,
+                                    weights=_lm_weights(plan), prompt=ALIGN_PROMPT,
                                     noise=plan.slot_noise, image_start=plan.image_start, cls=plan.keep_cls,
                                     info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar)
         _losses(out, "llm", losses)

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from . import build as b
+from . import build as b, world
 
 
 def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
@@ -34,7 +34,7 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
         seconds[name] = round(time.perf_counter() - t, 1)
     dest.mkdir(parents=True, exist_ok=True)
     b.copy_experts(work, dest)
-    info = {"plan": dataclasses.asdict(plan), "seed": seed, "seconds": seconds, "threads": torch.get_num_threads(),
+    info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "seed": seed, "seconds": seconds, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"
                        + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")}

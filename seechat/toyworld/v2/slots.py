@@ -78,11 +78,12 @@ def _embed(model, processor, input_ids: torch.Tensor, filled: torch.Tensor | Non
     return place_images(model.get_input_embeddings(), input_ids, input_ids == processor.image_token_id, flat)
 
 
-def fresh_records(seed: int, weights: tuple[float, float, float], prompt: str) -> Iterator[tuple[Record, list]]:
+def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt: str) -> Iterator[tuple[Record, list]]:
     """Endless training records, each over scenes drawn anew (never a picture twice), with their scenes: Stage I
     captions with every box (asked with `prompt`), Stage II conversations about one picture and conversations
-    over 2-3 one-shape pictures, in the proportions `weights`. Half the scenes hold 2-4 shapes, as in the
-    build's training split; held-out colour x shape pairs never appear."""
+    over 2-3 one-shape pictures and text-only conversations (`world.in_words`), in the proportions `weights`.
+    Half the scenes hold 2-4 shapes, as in the build's training split; held-out colour x shape pairs never
+    appear."""
     from ...data.sources import caption_record, llava_record
 
     combos = world.training_combos(seed)
@@ -96,7 +97,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float], prompt: str) -
         return single() if rng.random() < 0.5 else world.make_multi_scene(rng, combos, rng.randint(2, 4))
 
     while True:
-        what = rng.choices(("align", "one", "several"), weights)[0]
+        what = rng.choices(("align", "one", "several", "text"), weights)[0]
         if what == "align":
             s = scene()
             yield caption_record(s.grounded(), "0.png", "slots", [prompt], rng), [s]
@@ -104,6 +105,8 @@ def fresh_records(seed: int, weights: tuple[float, float, float], prompt: str) -
             s = scene()
             yield llava_record({"id": "slots", "image": "0.png", "conversations": world.conversation(s, rng)},
                                "slots"), [s]
+        elif what == "text":
+            yield llava_record({"id": "slots", "conversations": world.in_words(rng, combos)}, "slots"), []
         else:
             scenes = [single() for _ in range(rng.choice([2, 2, 3]))]
             convo = {"id": "slots", "image": [f"{i}.png" for i in range(len(scenes))],
@@ -112,7 +115,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float], prompt: str) -
 
 
 def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
-                       weights: tuple[float, float, float], prompt: str, lr: float = 3e-3, noise: float = 0.2,
+                       weights: tuple[float, float, float, float], prompt: str, lr: float = 3e-3, noise: float = 0.2,
                        image_start: str = "", cls: bool = False, info: dict | None = None,
                        max_positions: int = 1024, progress=None) -> list[float]:
     """Pretrain a GLM-architecture text expert on `fresh_records` (seechat's Stage I/II records over scenes
