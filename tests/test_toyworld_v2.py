@@ -99,6 +99,20 @@ def test_several_picture_questions_are_consistent():
         assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)
 
 
+def test_answers_that_work_to_a_decision_are_judged_by_it():
+    from seechat.toyworld.v2.evaluate import judge
+
+    rec = {"type": "counting", "answer": "数的是红色的。图中是红色的圆形（一）和蓝色的星形（不是），共一个。"}
+    misread = "数的是红色的。图中是红色的圆形（一）和绿色的星形（不是），共一个。"  # another shape misread
+    assert judge(rec, misread)[0] and not judge(rec, misread.replace("共一个", "共两个"))[0]
+    assert not judge(rec, "两个。")[0]
+    exist = {"type": "exist", "answer": "问的是蓝色的星形。图中是蓝色的星形（是），所以有。"}
+    assert judge(exist, "问的是蓝色的星形。图中是蓝色的圆形（不是），所以有。")[0]
+    assert not judge(exist, "问的是蓝色的星形。图中是蓝色的星形（是），所以没有。")[0]
+    # other types still need the whole answer
+    assert not judge({"type": "description", "answer": "一个红色的圆形在中间。"}, "一个红色的圆形在左上角。")[0]
+
+
 def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
     from seechat.toyworld.v2.build import _all_texts
     from seechat.toyworld.v2.experts import DenseHeads, dense_targets, make_tokenizers

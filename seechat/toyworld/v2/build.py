@@ -408,6 +408,7 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
     metrics = {
         "test_accuracy": test["accuracy"],
         "per_type": test["per_type"],
+        "per_type_exact": test["per_type_exact"],
         "grounding_acc50": test["grounding_acc50"],
         "grounding_miou": test["grounding_miou"],
         "counting_accuracy": test["per_type"].get("counting"),
@@ -422,6 +423,8 @@ def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
         "heldout_combo_accuracy": r["heldout_combos"]["accuracy"],
         "heldout_per_type": r["heldout_combos"]["per_type"],
         "multi_image_accuracy": r["multi"]["per_type"],
+        "multi_image_exact": r["multi"]["per_type_exact"],
+        "shift_per_type_exact": r["shift"]["per_type_exact"],
         "vision_probe_val": json.loads((out / "losses" / "vision_probe.json").read_text()),
         "experts_made": _made(out),
         "n_test_questions": test["n_questions"],

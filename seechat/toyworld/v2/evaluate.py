@@ -1,8 +1,12 @@
 """Accuracy on the toy world's question sets: the `seechat eval vqa` benchmark (batched), boxes judged by IoU.
 
-A text answer is right when it equals the expected one. A refer-to-box answer is right when its first box
-has IoU >= 0.5 with the shape's box; a detect-all answer when it gives exactly as many boxes as there are
-shapes of that kind and each matches a distinct one at IoU >= 0.5 (or says there is none, when there is none).
+A text answer is right when it equals the expected one, except that an answer which works its way to a
+decision (existence, counting, yes/no, several-picture comparison: what is there, each checked, then 所以有。 /
+共两个。 / 所以是第二张。) is right when its decision, the clause after its last comma, is: the question asked for
+the decision, as a counting benchmark reads the number. `per_type_exact` keeps the whole-answer rates. A
+refer-to-box answer is right when its first box has IoU >= 0.5 with the shape's box; a detect-all answer when
+it gives exactly as many boxes as there are shapes of that kind and each matches a distinct one at IoU >= 0.5
+(or says there is none, when there is none).
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from ...boxes import iou, match, parse_boxes
 from ...eval.grounding import score_detection
 from ...eval.vqa import read_questions, run_vqa
 from . import world
+
+
+DECIDED = ("counting", "exist", "yesno", "compare")
+"""Types whose answers work their way to a decision in their last clause."""
+
+
+def decision(answer: str) -> str:
+    """The clause after an answer's last comma, without the full stop: 所以有 / 共两个 / 一个也没有."""
+    return answer.strip().rstrip("。").rsplit("，", 1)[-1]
 
 
 def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
@@ -28,6 +41,8 @@ def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
         if not truth:
             return prediction.strip() == record["answer"].strip(), None
         return len(predicted) == len(truth) == match(predicted, truth), None
+    if record["type"] in DECIDED:
+        return decision(prediction) == decision(record["answer"]), None
     return prediction.strip() == record["answer"].strip(), None
 
 
@@ -41,12 +56,14 @@ def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, m
         truth[rec["id"]] = rec
     rows = [json.loads(line) for line in open(out / "results.jsonl", encoding="utf-8")]
     by_type: dict[str, list[bool]] = {}
+    exact: dict[str, list[bool]] = {}
     ious, detections = [], []
     for row in rows:
         rec = truth[row["id"]]
         right, value = judge(rec, row["prediction"] or "")
         row["right"] = right
         by_type.setdefault(rec["type"], []).append(right)
+        exact.setdefault(rec["type"], []).append((row["prediction"] or "").strip() == rec["answer"].strip())
         if value is not None:
             ious.append(value)
         if rec["type"] == "detect":
@@ -62,6 +79,7 @@ def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, m
     return {
         "accuracy": round(sum(everything) / len(everything), 4),
         "per_type": {t: round(sum(by_type[t]) / len(by_type[t]), 4) for t in order},
+        "per_type_exact": {t: round(sum(exact[t]) / len(exact[t]), 4) for t in order},
         "grounding_acc50": round(sum(v >= 0.5 for v in ious) / len(ious), 4) if ious else None,
         "grounding_miou": round(sum(ious) / len(ious), 4) if ious else None,
         "detect": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in score_detection(detections).items()}
