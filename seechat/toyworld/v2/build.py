@@ -280,7 +280,7 @@ def copy_experts(src: Path, dst: Path) -> None:
 def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     """Copy pretrained experts (vision expert, text expert, its tokenizer) into OUT, as the vision and llm
     phases would have left them; with `experts="pretrained"`, make them first if this machine has none yet
-    (`make_experts`, about 23 minutes on 2 cores, once)."""
+    (`make_experts`, about 25 minutes on 2 cores, once)."""
     from ...errors import SeeChatError
 
     src = pretrained_dir() if plan.experts == "pretrained" else Path(plan.experts)
@@ -291,11 +291,11 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
 
         if stale:
             log.warning("toy world: the pretrained toy experts in %s learnt answers worded as in an older seechat: "
-                        "making them anew (about 23 minutes on 2 CPU cores, once)", src)
+                        "making them anew (about 25 minutes on 2 CPU cores, once)", src)
             for d in ("clip", "llm", "tokenizer", "made.json"):
                 shutil.rmtree(src / d, ignore_errors=True) if d != "made.json" else made.unlink()
         else:
-            log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 23 minutes on 2 "
+            log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 25 minutes on 2 "
                         "CPU cores; every later build reuses them)", src)
         make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
         shutil.rmtree(src / "work", ignore_errors=True)

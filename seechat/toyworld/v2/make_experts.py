@@ -5,7 +5,7 @@ build would stitch experts fetched from a hub.
     python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
 
 They are made by the build's own data, vision and llm phases (Plan(experts="train")), once per machine, for
-longer than a build can afford (about 23 minutes on 2 cores; the first v2 build does it when they are missing);
+longer than a build can afford (about 25 minutes on 2 cores; the first v2 build does it when they are missing);
 DEST/made.json records the plan, the seed, the seconds each phase took and the threads it had.
 """
 
