@@ -292,8 +292,7 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
         if stale:
             log.warning("toy world: the pretrained toy experts in %s learnt answers worded as in an older seechat: "
                         "making them anew (about 25 minutes on 2 CPU cores, once)", src)
-            for d in ("clip", "llm", "tokenizer", "made.json"):
-                shutil.rmtree(src / d, ignore_errors=True) if d != "made.json" else made.unlink()
+            made.unlink()
         else:
             log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 25 minutes on 2 "
                         "CPU cores; every later build reuses them)", src)

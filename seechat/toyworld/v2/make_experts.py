@@ -34,8 +34,8 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
         seconds[name] = round(time.perf_counter() - t, 1)
     dest.mkdir(parents=True, exist_ok=True)
     b.copy_experts(work, dest)
-    info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "seed": seed, "seconds": seconds, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
+    info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "seed": seed, "seconds": seconds,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"
                        + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")}
     (dest / "made.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))

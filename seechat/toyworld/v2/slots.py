@@ -89,12 +89,9 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
     combos = world.training_combos(seed)
     rng = random.Random(f"slots-fresh:{seed}")
 
-    def single() -> world.Scene:
-        colour, kind = rng.choice(combos)
-        return world.make_scene(rng, colour, kind, rng.choice(list(world.POSITIONS)))
-
     def scene() -> world.Scene:
-        return single() if rng.random() < 0.5 else world.make_multi_scene(rng, combos, rng.randint(2, 4))
+        return world.one_shape(rng, combos) if rng.random() < 0.5 else world.make_multi_scene(rng, combos,
+                                                                                             rng.randint(2, 4))
 
     while True:
         what = rng.choices(("align", "one", "several", "text"), weights)[0]
@@ -108,7 +105,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
         elif what == "text":
             yield llava_record({"id": "slots", "conversations": world.in_words(rng, combos)}, "slots"), []
         else:
-            scenes = [single() for _ in range(rng.choice([2, 2, 3]))]
+            scenes = [world.one_shape(rng, combos) for _ in range(rng.choice([2, 2, 3]))]
             convo = {"id": "slots", "image": [f"{i}.png" for i in range(len(scenes))],
                      "conversations": world.multi_conversation(scenes, rng)}
             yield llava_record(convo, "slots"), scenes

@@ -240,6 +240,11 @@ def make_scene(rng: random.Random, colour: str, kind: str, position: str, style:
     return Scene([shape], _background_colour(rng, style), seed=rng.randrange(1 << 30), style=style)
 
 
+def one_shape(rng: random.Random, combos: list[tuple[str, str]]) -> Scene:
+    """A one-shape scene of a colour x kind pair from `combos`, near a named position."""
+    return make_scene(rng, *rng.choice(combos), rng.choice(list(POSITIONS)))
+
+
 def make_multi_scene(rng: random.Random, combos: list[tuple[str, str]], n: int, style: Style = TRAIN) -> Scene:
     """`n` shapes (distinct colour x shape pairs from `combos`), boxes apart, centres in distinct 16-pixel cells."""
     picked = rng.sample(combos, n)
@@ -541,15 +546,12 @@ def in_words(rng: random.Random, combos: list[tuple[str, str]]) -> list[dict]:
     existence, counting or comparison question answered in the words of the answers about pictures. The text
     expert is pretrained on these beside conversations about pictures, as a chat LLM reads text before pictures:
     the checks that decide those answers are the same whether what is there was seen or told."""
-    def single() -> Scene:
-        return make_scene(rng, *rng.choice(combos), rng.choice(list(POSITIONS)))
-
     if rng.random() < 0.6:
-        scene = single() if rng.random() < 0.3 else make_multi_scene(rng, combos, rng.randint(2, 4))
+        scene = one_shape(rng, combos) if rng.random() < 0.3 else make_multi_scene(rng, combos, rng.randint(2, 4))
         told = f"图中是{_listing([s.name for s in sorted(scene.shapes, key=_reading_order)])}。"
         rec = (exist if rng.random() < 0.5 else counting)(scene, rng)
     else:
-        scenes = [single() for _ in range(rng.choice([2, 2, 3]))]
+        scenes = [one_shape(rng, combos) for _ in range(rng.choice([2, 2, 3]))]
         told = "，".join(f"{ORDINALS[k]}是{s.main.name}" for k, s in enumerate(scenes)) + "。"
         rec = _compare_record(scenes, rng, "")
     return [{"from": "human", "value": told + rec["question"]}, {"from": "gpt", "value": rec["answer"]}]
