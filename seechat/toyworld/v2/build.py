@@ -285,8 +285,9 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
 
     src = pretrained_dir() if plan.experts == "pretrained" else Path(plan.experts)
     made = src / "made.json"
-    stale = made.is_file() and json.loads(made.read_text()).get("answers", 1) != world.ANSWERS
-    if (stale or not made.is_file()) and plan.experts == "pretrained":
+    info = json.loads(made.read_text()) if made.is_file() else None
+    stale = info is not None and info.get("answers", 1) != world.ANSWERS
+    if (stale or info is None) and plan.experts == "pretrained":
         from .make_experts import make
 
         if stale:
@@ -296,13 +297,12 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
         else:
             log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 25 minutes on 2 "
                         "CPU cores; every later build reuses them)", src)
-        make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
+        info = make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
         shutil.rmtree(src / "work", ignore_errors=True)
-    if not made.is_file():
+    if info is None:
         raise SeeChatError(f"no pretrained toy experts in {src} (no made.json): make them with "
                            f"`python -m seechat.toyworld.v2.make_experts --dest {src}`, or build with "
                            "Plan(experts='pretrained') to make them in the cache, or Plan(experts='train')")
-    info = json.loads(made.read_text())
     differ = [f"{k}={info['plan'][k]!r}" for k in EXPERT_FIELDS if info["plan"].get(k) != getattr(plan, k)]
     if info.get("answers", 1) != world.ANSWERS:
         differ.append(f"answers worded as version {info.get('answers', 1)} (this seechat: {world.ANSWERS})")

@@ -35,7 +35,8 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     b.copy_experts(work, dest)
     info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "seed": seed, "seconds": seconds,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"
                        + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")}
     (dest / "made.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))

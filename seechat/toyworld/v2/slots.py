@@ -125,13 +125,14 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     OUT/slots.json."""
     from safetensors.torch import save_file
 
-    from ...data.processor import IGNORE_INDEX
+    from ...data.datasets import Collator
 
     torch.manual_seed(seed)
     model = new_llm(tokenizer, sizes, max_positions)
     slots = SceneSlots(sizes.llm_hidden, cls=cls)
     processor = _processor(tokenizer, image_start, cls)
     draw = fresh_records(seed, weights, prompt)
+    collate = Collator(tokenizer.pad_token_id)  # the training collator's right padding
     params = [*model.parameters(), *slots.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
@@ -142,18 +143,14 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
         rows, pictures = [], []
         for rec, scenes in itertools.islice(draw, batch):
             r = processor.render(rec.messages, num_images=len(rec.images), with_labels=True)
-            rows.append((r.input_ids, r.labels))
+            rows.append({"input_ids": r.input_ids, "labels": r.labels, "pixel_values": None})
             pictures += scenes
-        width = max(len(x) for x, _ in rows)
-        input_ids = torch.full((batch, width), tokenizer.pad_token_id)
-        labels = torch.full((batch, width), IGNORE_INDEX)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, (x, y) in enumerate(rows):
-            input_ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        padded = collate(rows)
         filled = slots(dense_targets(pictures, 4)) if pictures else None
         if filled is not None:
             filled = filled + noise * filled.detach().std() * torch.randn_like(filled)
-        loss = model(inputs_embeds=_embed(model, processor, input_ids, filled), attention_mask=mask, labels=labels).loss
+        loss = model(inputs_embeds=_embed(model, processor, padded["input_ids"], filled),
+                     attention_mask=padded["attention_mask"], labels=padded["labels"]).loss
         step(loss, opt, sched, params, losses, bar)
     bar.close()
     save_llm(model, tokenizer, out)
