@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 class PhaseProgress(TrainerCallback):
     """A tqdm bar over the run's steps named `desc`; each log's loss (and eval loss) goes to the postfix."""
 
-    replaces_progress = True  # train() removes the Trainer's own ProgressCallback when this one is passed
+    replaces_progress = True  # train() removes the Trainer's ProgressCallback / PrinterCallback when this one is passed
 
     def __init__(self, desc: str, *, leave: bool = False):
         self.desc, self.leave, self.bar, self.postfix = desc, leave, None, {}

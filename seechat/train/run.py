@@ -189,9 +189,11 @@ def train(stage: str, cfg: TrainConfig, callbacks: list | None = None) -> TrainR
     )
     for callback in callbacks or ():
         if getattr(callback, "replaces_progress", False):
-            from transformers import ProgressCallback
+            from transformers import PrinterCallback, ProgressCallback
 
+            # PrinterCallback prints each log dict where the Trainer shows no bar (quiet_hf's error verbosity)
             trainer.remove_callback(ProgressCallback)
+            trainer.remove_callback(PrinterCallback)
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = out / "model"
