@@ -60,7 +60,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(n_train=800, n_val=20, n_test=20, n_heldout=10, clip_steps=300, clip_batch=32, lm_steps=40,
-             lm_batch=32, align_steps=60, align_batch=16, instruct_steps=320, instruct_batch=8)
+             lm_batch=32, align_steps=120, align_batch=16, instruct_steps=320, instruct_batch=8)
 
 
 def build(out: Path = DEFAULT_OUT, *, seed: int = 0, quick: bool = False, plan: Plan | None = None,
