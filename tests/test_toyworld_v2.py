@@ -25,16 +25,25 @@ def test_scenes_of_several_shapes_and_their_questions():
             assert all(world._gap(a.box, b.box) >= 1 for b in scene.shapes if b is not a)
         qs = {q["type"]: q for q in world.questions(scene, rng)}
         assert set(qs) == {"description", "counting", "exist", "refer", "detect", "region"}
+        in_order = sorted(scene.shapes, key=world._reading_order)
         det = qs["detect"]
         assert len(parse_boxes(det["answer"])) == len(det["boxes"]) and all(
             any(b == list(s.box) for s in scene.shapes) for b in det["boxes"])
+        # refer and detect-all walk every shape in reading order, boxing those asked for where they come
+        for q in (qs["refer"], det):
+            found = [b.ref for b in parse_boxes(q["answer"])]
+            assert found == [s.name for s in in_order if list(s.box) in q["boxes"]]
+            walked = re.sub("<ref>(.+?)</ref><box>.+?</box>", r"\1（是）", q["answer"])
+            assert walked.startswith("图中是") and re.findall("（(.+?)）", walked) == [
+                "是" if s.name in found else "不是" for s in in_order]
+        assert [b.ref for b in parse_boxes(qs["refer"]["answer"])] == [qs["refer"]["label"]]
+        assert det["boxes"] or det["answer"].endswith(f"，没有{det['label']}。")
         region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
         named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
         assert region == pytest.approx(named.box, abs=0.04)
         asked = re.search("(.色的(?:圆形|正方形|三角形|星形))", qs["exist"]["question"]).group(1)  # repeated, then the verdict
         assert qs["exist"]["answer"].startswith(f"问的是{asked}。图中是")
         assert qs["exist"]["answer"].endswith("所以有。" if asked in {s.name for s in scene.shapes} else "所以没有。")
-        in_order = sorted(scene.shapes, key=world._reading_order)  # each shape checked inline, in reading order
         marks = re.findall("（(.+?)）", qs["exist"]["answer"])
         assert marks == ["是" if s.name == asked else "不是" for s in in_order]
         count = qs["counting"]  # what is counted, each shape numbered as it comes or marked, then the count
@@ -99,6 +108,20 @@ def test_several_picture_questions_are_consistent():
         assert [t["from"] for t in convo] == ["human", "gpt"] * (len(convo) // 2)
 
 
+def test_every_answer_has_an_english_gloss():
+    """`world.gloss` (figures drawn without a CJK font) leaves no Chinese in any kind of answer."""
+    rng = random.Random(3)
+    answers = [q["answer"] for s in world.sample_scenes(0, "test", 40, multi=0.5)
+               for q in [*world.questions(s, rng), world.followup(s, rng)]]
+    ones = world.sample_scenes(0, "multi", 20)
+    answers += [world.multi_question(rng.sample(ones, rng.choice([2, 3])), kind, rng)["answer"]
+                for kind in world.MULTI_KINDS for _ in range(30)]
+    left = {a: world.gloss(a) for a in answers if re.search("[\u4e00-\u9fff]", world.gloss(a))}
+    assert not left, left
+    assert world.gloss("问的是蓝色的星形。图中是红色的圆形（不是）和蓝色的星形（是），所以有。") == (
+        "asked: blue star . red circle (no) and blue star (yes) , so yes.")
+
+
 def test_answers_that_work_to_a_decision_are_judged_by_it():
     from seechat.toyworld.v2.evaluate import judge
 
@@ -109,6 +132,11 @@ def test_answers_that_work_to_a_decision_are_judged_by_it():
     exist = {"type": "exist", "answer": "问的是蓝色的星形。图中是蓝色的星形（是），所以有。"}
     assert judge(exist, "问的是蓝色的星形。图中是蓝色的圆形（不是），所以有。")[0]
     assert not judge(exist, "问的是蓝色的星形。图中是蓝色的星形（是），所以没有。")[0]
+    # detect-all with nothing to find: no box and the same decision
+    none = {"type": "detect", "boxes": [], "answer": "图中是蓝色的星形（不是），没有三角形。"}
+    assert judge(none, "图中是蓝色的圆形（不是），没有三角形。")[0]
+    assert not judge(none, "图中是<ref>蓝色的星形</ref><box>(0,0),(500,500)</box>。")[0]
+    assert not judge(none, "图中是蓝色的星形（不是），没有圆形。")[0]
     # other types still need the whole answer
     assert not judge({"type": "description", "answer": "一个红色的圆形在中间。"}, "一个红色的圆形在左上角。")[0]
 
@@ -132,6 +160,27 @@ def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
 
     loss, acc = DenseHeads(32).loss(torch.randn(1, 17, 32), t)
     assert loss.item() > 0 and set(acc) == {"colour", "kind", "position", "box", "counts"}
+
+
+def test_the_vision_expert_sees_every_picture_once():
+    """`FreshScenes`: every call draws and renders new scenes of the training mix (one shape or 2-4, never a
+    held-out colour x shape pair), as the processor's pixel values in the order of the scenes returned."""
+    from transformers import CLIPImageProcessor
+
+    from seechat.toyworld.v2.experts import FreshScenes
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    draw = FreshScenes(0, processor)
+    (p1, s1), (p2, s2) = draw(40), draw(40)
+    assert p1.shape == (40, 3, 64, 64) and len(s1) == 40
+    assert not any((a - b).abs().max() < 1e-3 for a in p1 for b in p2)  # no picture twice
+    held = set(world.heldout_combos(0))
+    shapes = [(sh.colour, sh.kind) for s in s1 + s2 for sh in s.shapes]
+    assert not held & set(shapes)
+    counts = [len(s.shapes) for s in s1 + s2]
+    assert 20 <= counts.count(1) <= 60 and max(counts) >= 3
+    again = processor(images=[s1[7].render()], return_tensors="pt")["pixel_values"][0]
+    assert (again - p1[7]).abs().max() < 1e-5  # pixels and scenes belong together
 
 
 def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):
@@ -162,7 +211,7 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     assert "grounding Acc@0.5" in printed and "several pictures" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("per_type", "build_seconds", "grounding_acc50", "counting_accuracy", "detect_f1", "shift_per_type",
-                "heldout_phrasing_accuracy", "multi_image_accuracy"):
+                "heldout_phrasing_accuracy", "multi_image_accuracy", "vision_probe_val", "vision_probe_shift"):
         assert metrics[key] is not None, key
     assert set(metrics["multi_image_accuracy"]) == set(world.MULTI_KINDS)
     assert all(0 <= v <= 1 for v in metrics["shift_per_type"].values())
@@ -182,7 +231,13 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     with pytest.raises(SeeChatError, match="answers worded as version"):
         v2build.build(tmp_path / "v2c", plan=dataclasses.replace(micro, experts=str(cache)))
     assert main(["toyworld", "build", "--world", "v2", "--quick", "--out", str(tmp_path / "v2d")]) == 0
-    assert json.loads((cache / "made.json").read_text())["answers"] == world.ANSWERS
+    made = json.loads((cache / "made.json").read_text())
+    assert made["answers"] == world.ANSWERS and made["recipe"] == v2build.EXPERTS_RECIPE
+    # made by an older recipe: a folder given is used with a warning; the cache would be made anew
+    (cache / "made.json").write_text(json.dumps({**made, "recipe": v2build.EXPERTS_RECIPE - 1}))
+    capsys.readouterr()
+    v2build._experts(tmp_path / "v2e", dataclasses.replace(micro, experts=str(cache)), 0, {})
+    assert "older recipe" in capsys.readouterr().err and (tmp_path / "v2e/llm").is_dir()  # the CLI's log handler
 
 
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):

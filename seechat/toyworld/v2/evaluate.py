@@ -38,8 +38,8 @@ def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
     if record["type"] == "detect":
         predicted = [b.to_pixels(world.IMAGE_SIZE, world.IMAGE_SIZE) for b in parse_boxes(prediction)]
         truth = record["boxes"]
-        if not truth:
-            return prediction.strip() == record["answer"].strip(), None
+        if not truth:  # 图中是…（不是），没有三角形。: no box, and the same decision
+            return not predicted and decision(prediction) == decision(record["answer"]), None
         return len(predicted) == len(truth) == match(predicted, truth), None
     if record["type"] in DECIDED:
         return decision(prediction) == decision(record["answer"]), None

@@ -125,14 +125,35 @@ class DenseHeads(torch.nn.Module):
         return sum(self.weights.get(k, 1.0) * v for k, v in losses.items()), acc
 
 
-def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], tokenizer, *,
+class FreshScenes:
+    """Batches of scenes drawn and rendered anew at every call (one-shape scenes and, a share `multi` of
+    them, 2-4 shapes; the training colour x shape pairs, the TRAIN style) as pixel values.
+
+    The vision expert learns from these rather than from the build's fixed training pictures: on those 10,000
+    its dense heads were right on every training batch after 6,000 steps while on the validation pictures
+    they read the counts 81% right and the box coordinates within one pixel 93.7%: it had learnt them by
+    heart. Drawing and rendering a picture takes about 1.2 ms, a few times less than a training step spends
+    on it."""
+
+    def __init__(self, seed: int, processor, multi: float = 0.5):
+        self.rng = random.Random(f"clip:{seed}")
+        self.combos = world.training_combos(seed)
+        self.processor, self.multi = processor, multi
+
+    def __call__(self, n: int) -> tuple[torch.Tensor, list[world.Scene]]:
+        scenes = [world.any_scene(self.rng, self.combos, self.multi) for _ in range(n)]
+        return self.processor(images=[s.render() for s in scenes], return_tensors="pt")["pixel_values"], scenes
+
+
+def train_clip(out: Path, batches, tokenizer, *,
                sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
                full_caption_share: float = 0.4, position_std: float = 0.5, dense_weight: float = 1.0,
-               kind_weight: float = 1.0, progress=None, heldout: tuple[torch.Tensor, list[world.Scene]] | None = None
-               ) -> tuple[list[float], dict[str, float]]:
-    """CLIPModel training on the world's pictures; saves it with its tokenizer. Returns the losses and, with
-    `heldout` (pixels, scenes), the dense heads' accuracies on those pictures: how well what the bridge reads
-    says what is where (box coordinates within one pixel; counts all right).
+               kind_weight: float = 1.0, progress=None,
+               heldout: dict[str, tuple[torch.Tensor, list[world.Scene]]] | None = None
+               ) -> tuple[list[float], dict[str, dict[str, float]]]:
+    """CLIPModel training on the world's pictures, `batches(n)` -> (pixel values, scenes) of n pictures (a
+    `FreshScenes`); saves it with its tokenizer. Returns the losses and, with `heldout` {name: (pixels,
+    scenes)}, the dense heads' accuracies on those pictures: how well what the bridge reads says what is where (box coordinates within one pixel; counts all right).
 
     Two objectives: contrastive on (picture, description) pairs, each picture paired with its whole caption
     or a partial description, every picture a description fits counting as a match (several per row and
@@ -162,37 +183,34 @@ def train_clip(out: Path, pixels: torch.Tensor, scenes: list[world.Scene], token
         # a shape sits is nearly invisible at first and position is learned last; start them comparable.
         emb = model.vision_model.embeddings
         emb.position_embedding.weight.normal_(std=position_std)
-    views = [scene_views(s) for s in scenes]
-    fits_of = [set(v) for v in views]
-    targets = dense_targets(scenes, grid)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
-    gen = torch.Generator().manual_seed(seed)
     pyrng = random.Random(seed)
     losses = []
     model.train()
     bar = tqdm(total=steps, desc="vision expert (CLIP)", unit="step", leave=False) if progress is None else progress
     for _ in range(steps):
-        pick = torch.randint(0, len(scenes), (batch,), generator=gen).tolist()
-        texts = [views[i][0] if pyrng.random() < full_caption_share else pyrng.choice(views[i]) for i in pick]
+        pixels, scenes = batches(batch)
+        views = [scene_views(s) for s in scenes]
+        texts = [v[0] if pyrng.random() < full_caption_share else pyrng.choice(v) for v in views]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=CLIP_TEXT_LENGTH, return_tensors="pt")
-        out_ = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels[pick],
+        out_ = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels,
                      output_hidden_states=True)
         logits = out_.logits_per_image
-        fits = torch.tensor([[t in fits_of[i] for t in texts] for i in pick], dtype=torch.float)
+        fits = torch.tensor([[t in v for t in texts] for v in views], dtype=torch.float)
         loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
                 + F.cross_entropy(logits.t(), fits.t() / fits.t().sum(1, keepdim=True))) / 2
-        picked = {k: v[pick] for k, v in targets.items()}
-        dense, acc = head.loss(_pooled(out_.vision_model_output.hidden_states[-1]), picked)
+        dense, acc = head.loss(_pooled(out_.vision_model_output.hidden_states[-1]), dense_targets(scenes, grid))
         step(loss + dense_weight * dense, opt, sched, params, losses, bar, **acc)
     bar.close()
     model.eval()
-    probe: dict[str, float] = {}
-    if heldout is not None:
-        with torch.no_grad():
-            hidden = model.vision_model(pixel_values=heldout[0], output_hidden_states=True).hidden_states[-1]
-            probe = {k: round(v, 4) for k, v in head.loss(_pooled(hidden), dense_targets(heldout[1], grid))[1].items()}
+    probe: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name, (pixels, scenes) in (heldout or {}).items():
+            hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+            acc = head.loss(_pooled(hidden), dense_targets(scenes, grid))[1]
+            probe[name] = {k: round(v, 4) for k, v in acc.items()}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

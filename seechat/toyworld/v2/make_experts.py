@@ -5,7 +5,7 @@ build would stitch experts fetched from a hub.
     python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
 
 They are made by the build's own data, vision and llm phases (Plan(experts="train")), once per machine, for
-longer than a build can afford (about 25 minutes on 2 cores; the first v2 build does it when they are missing);
+longer than a build can afford (about 55 minutes on 2 cores; the first v2 build does it when they are missing);
 DEST/made.json records the plan, the seed, the seconds each phase took and the threads it had.
 """
 
@@ -34,8 +34,8 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0) -> dict:
         seconds[name] = round(time.perf_counter() - t, 1)
     dest.mkdir(parents=True, exist_ok=True)
     b.copy_experts(work, dest)
-    info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "seed": seed, "seconds": seconds,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"plan": dataclasses.asdict(plan), "answers": world.ANSWERS, "recipe": b.EXPERTS_RECIPE, "seed": seed,
+            "seconds": seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"
                        + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")}

@@ -89,17 +89,13 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
     combos = world.training_combos(seed)
     rng = random.Random(f"slots-fresh:{seed}")
 
-    def scene() -> world.Scene:
-        return world.one_shape(rng, combos) if rng.random() < 0.5 else world.make_multi_scene(rng, combos,
-                                                                                             rng.randint(2, 4))
-
     while True:
         what = rng.choices(("align", "one", "several", "text"), weights)[0]
         if what == "align":
-            s = scene()
+            s = world.any_scene(rng, combos)
             yield caption_record(s.grounded(), "0.png", "slots", [prompt], rng), [s]
         elif what == "one":
-            s = scene()
+            s = world.any_scene(rng, combos)
             yield llava_record({"id": "slots", "image": "0.png", "conversations": world.conversation(s, rng)},
                                "slots"), [s]
         elif what == "text":
