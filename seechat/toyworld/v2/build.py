@@ -276,6 +276,8 @@ EXPERTS_RECIPE = 2
 """How the pretrained toy experts are made: 2 (2026-11-27) draws a new picture for every vision expert step
 (`experts.FreshScenes`); 1 trained it on the build's 10,000 training pictures. Made with an older recipe, the
 cache is made anew."""
+MAKING = "about 55 minutes on 2 CPU cores"
+"""What making the experts takes (`make_experts`, measured 2026-11-27: 3,327 s)."""
 EXPERTS_PLAN: Plan | None = None
 """The plan pretrained experts are made with when missing (None: FULL)."""
 
@@ -290,7 +292,7 @@ def copy_experts(src: Path, dst: Path) -> None:
 def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     """Copy pretrained experts (vision expert, text expert, its tokenizer) into OUT, as the vision and llm
     phases would have left them; with `experts="pretrained"`, make them first if this machine has none yet
-    (`make_experts`, about 55 minutes on 2 cores, once)."""
+    (`make_experts`, once; `MAKING` says how long)."""
     from ...errors import SeeChatError
 
     src = pretrained_dir() if plan.experts == "pretrained" else Path(plan.experts)
@@ -303,12 +305,11 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
 
         if stale or older:
             log.warning("toy world: the pretrained toy experts in %s were made by an older seechat (%s): making them "
-                        "anew (about 55 minutes on 2 CPU cores, once)", src,
-                        "answers worded otherwise" if stale else "an older recipe")
+                        "anew (%s, once)", src, "answers worded otherwise" if stale else "an older recipe", MAKING)
             made.unlink()
         else:
-            log.warning("toy world: no pretrained toy experts in %s yet: making them once (about 55 minutes on 2 "
-                        "CPU cores; every later build reuses them)", src)
+            log.warning("toy world: no pretrained toy experts in %s yet: making them once (%s; every later build "
+                        "reuses them)", src, MAKING)
         info = make(src, src / "work", EXPERTS_PLAN or FULL, seed=0)
         shutil.rmtree(src / "work", ignore_errors=True)
     if info is None:
@@ -318,7 +319,7 @@ def _experts(out: Path, plan: Plan, seed: int, timings) -> None:
     differ = [f"{k}={info['plan'][k]!r}" for k in EXPERT_FIELDS if info["plan"].get(k) != getattr(plan, k)]
     if info.get("answers", 1) != world.ANSWERS:
         differ.append(f"answers worded as version {info.get('answers', 1)} (this seechat: {world.ANSWERS})")
-    if info.get("recipe", 1) < EXPERTS_RECIPE:
+    if older and plan.experts != "pretrained":  # a folder given (the cache was made anew above)
         log.warning("toy world: the experts in %s were made with an older recipe (%s; this seechat's: %s): the "
                     "README's numbers are for new ones (`python -m seechat.toyworld.v2.make_experts`)", src,
                     info.get("recipe", 1), EXPERTS_RECIPE)
