@@ -252,8 +252,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
         images = [load_image(out / "data" / split / f"images/{i:05d}.png") for i in range(n)]
         return processor(images=images, return_tensors="pt")["pixel_values"]
 
-    probed = {split: (pixels(split, n), _scenes(plan, seed, split)[:n])
-              for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}
+    probed = {split: (pixels(split, n), _scenes(plan, seed, split))
+              for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}  # _scenes gives n_val / n_shift
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
     losses, probe = train_clip(out / "clip", FreshScenes(seed, processor, plan.multi_share), clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,

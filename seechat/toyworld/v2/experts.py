@@ -153,7 +153,8 @@ def train_clip(out: Path, batches, tokenizer, *,
                ) -> tuple[list[float], dict[str, dict[str, float]]]:
     """CLIPModel training on the world's pictures, `batches(n)` -> (pixel values, scenes) of n pictures (a
     `FreshScenes`); saves it with its tokenizer. Returns the losses and, with `heldout` {name: (pixels,
-    scenes)}, the dense heads' accuracies on those pictures: how well what the bridge reads says what is where (box coordinates within one pixel; counts all right).
+    scenes)}, the dense heads' accuracies on those pictures: how well what the bridge reads says what is where
+    (box coordinates within one pixel; counts all right).
 
     Two objectives: contrastive on (picture, description) pairs, each picture paired with its whole caption
     or a partial description, every picture a description fits counting as a match (several per row and

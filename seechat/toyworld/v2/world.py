@@ -329,11 +329,12 @@ def _marked(shapes: list[Shape], hit, running: bool = False, boxed: bool = False
     (several-picture comparisons) with a bare verdict at the end, 100% on comparisons with the checks inline."""
     out, k = [], 0
     for s in sorted(shapes, key=_reading_order):
-        k += bool(hit(s))
-        if boxed and hit(s):
+        is_hit = bool(hit(s))
+        k += is_hit
+        if boxed and is_hit:
             out.append(box_text(s.box, IMAGE_SIZE, IMAGE_SIZE, s.name))
         else:
-            out.append(f"{s.name}（{('一二三四'[k - 1] if running else '是') if hit(s) else '不是'}）")
+            out.append(f"{s.name}（{('一二三四'[k - 1] if running else '是') if is_hit else '不是'}）")
     return _listing(out), k
 
 
