@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from seechat.data.datasets import Encoder
 from seechat.train.config import load_config
-from seechat.train.run import train
+from seechat.train.run import finish_distributed, train
 from seechat.train.trainer import SeeChatTrainer
 
 used: list[list[str]] = []
@@ -40,3 +40,4 @@ if __name__ == "__main__":
     save_file({k: v.detach().contiguous() for k, v in model.bridge.state_dict().items()},
               str(out / f"rank{rank}_bridge.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"used": used, "decoded": decoded[0]}))
+    finish_distributed()
