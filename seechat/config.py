@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
-POOLING = ("none", "2x2", "global")
+POOLING = ("none", "2x2", "stack2x2", "global")
 
 
 @dataclass
@@ -39,8 +39,10 @@ class VisionConfig:
     pooling) or 'max' (adaptive max pooling: the strongest response in each cell, e.g. the colour of a small shape
     on a plain background, whatever its size)."""
     pool: str = "none"
-    """Token pooling: 'none', '2x2' (average each 2x2 block of patches: 4x fewer image tokens), or 'global'
-    (CNN feature maps only: one token, the average over the map)."""
+    """Token pooling: 'none', '2x2' (average each 2x2 block of patches: 4x fewer image tokens), 'stack2x2' (ViTs:
+    each 2x2 block's four patches side by side along channels, as InternVL's and Idefics3's pixel shuffle do: 4x
+    fewer tokens, 4x wider, nothing averaged away), or 'global' (CNN feature maps only: one token, the average over
+    the map)."""
 
     def __post_init__(self) -> None:
         if self.pool not in POOLING:

@@ -108,6 +108,15 @@ def test_vision_feature_options(experts, red):
     pooled = _build(experts, vision={"feature_layer": 1, "pool": "2x2"}).vision(pixels)
     grid = ref[1][:, 1:].reshape(1, 4, 4, 32)
     torch.testing.assert_close(pooled[0, 0], grid[0, :2, :2].mean(dim=(0, 1)))
+    # stack2x2: each 2x2 block's patches side by side (top-left, top-right, bottom-left, bottom-right), 4x wider
+    stacked = _build(experts, vision={"feature_layer": 1, "pool": "stack2x2"})
+    assert stacked.vision.num_tokens == 4 and stacked.vision.hidden_size == 128 and stacked.vision.levels == [32] * 4
+    feats = stacked.vision(pixels)
+    torch.testing.assert_close(feats[0, 1], torch.cat([grid[0, 0, 2], grid[0, 0, 3], grid[0, 1, 2], grid[0, 1, 3]]))
+    torch.testing.assert_close(feats[0, 2], torch.cat([grid[0, 2, 0], grid[0, 2, 1], grid[0, 3, 0], grid[0, 3, 1]]))
+    assert stacked.bridge(feats).shape[:2] == (1, 4)
+    with pytest.raises(ConfigError, match="keep_cls"):
+        _build(experts, vision={"pool": "stack2x2", "keep_cls": True})
     # several layers (multi-level features): concatenated along channels, the bridge widened to match
     multi = _build(experts, vision={"feature_layer": [1, -1]})
     assert multi.vision.hidden_size == 64 and multi.vision.num_tokens == 16

@@ -126,7 +126,7 @@ class SeeChatProcessor:
         if _MARK not in text and _END not in text:  # the usual case: exactly what apply_chat_template gives
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=bool(spans))
             offsets = enc["offset_mapping"] if spans else []
-            return list(enc["input_ids"]), [any(a < e and b > s for s, e in spans) for a, b in offsets]
+            return list(enc["input_ids"]), _in_spans(offsets, spans)
         # Pieces: text, marked token, text, ... (None for a lone mark); each piece also cut at the span edges so
         # that every piece lies wholly inside or outside the answer spans.
         cuts, pos = [], 0
@@ -159,6 +159,17 @@ class SeeChatProcessor:
     def pixel_values(self, images: list) -> torch.Tensor:
         """Preprocess PIL images into a (n, 3, H, W) float tensor."""
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (its character offsets, in text order), whether it overlaps a span: one pass over both (asking
+    every span for every token was 11% of encoding a toy-world Stage II sample)."""
+    spans, k, out = sorted(spans), 0, []
+    for a, b in offsets:
+        while k < len(spans) and spans[k][1] <= a:  # spans ending before this token cannot reach later ones
+            k += 1
+        out.append(k < len(spans) and b > spans[k][0])
+    return out
 
 
 IMAGE = None

@@ -223,6 +223,9 @@ class FeatureMapExpert(nn.Module):
         """The channels of each concatenated map (bridge.norm normalises each level on its own)."""
         self.grid = grid
         h, w = grid
+        if config.pool == "stack2x2":
+            raise ConfigError("vision.pool 'stack2x2' is for a ViT's patch tokens; a CNN feature map takes none, 2x2 "
+                              "or global")
         if config.pool == "2x2":
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         elif config.pool == "global":

@@ -53,8 +53,14 @@ class VisionExpert(nn.Module):
         grid = mc.image_size // mc.patch_size
         if config.pool == "global":
             raise ConfigError("vision.pool 'global' is for CNN feature maps; a ViT takes 'none' or '2x2'")
-        if config.pool == "2x2" and grid % 2:
-            raise ConfigError(f"vision.pool '2x2' needs an even patch grid, but this model has {grid}x{grid} patches")
+        if config.pool in ("2x2", "stack2x2") and grid % 2:
+            raise ConfigError(f"vision.pool {config.pool!r} needs an even patch grid, but this model has "
+                              f"{grid}x{grid} patches")
+        if config.pool == "stack2x2":
+            if self.has_cls and config.keep_cls:
+                raise ConfigError("vision.pool 'stack2x2' makes tokens 4x wider than the CLS token: set keep_cls false")
+            self.hidden_size *= 4
+            self.levels *= 4  # per token: the block's top-left, top-right, bottom-left, bottom-right patch
         self.grid = grid
         patches = grid * grid if config.pool == "none" else (grid // 2) ** 2
         self.num_tokens: int = patches + int(self.has_cls and config.keep_cls)
@@ -97,6 +103,10 @@ class VisionExpert(nn.Module):
             b, n, d = patches.shape
             grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
             patches = nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+        elif self.config.pool == "stack2x2":
+            b, n, d = patches.shape
+            g = self.grid // 2
+            patches = (patches.reshape(b, g, 2, g, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, 4 * d))
         if cls is not None and self.config.keep_cls:
             patches = torch.cat([cls, patches], dim=1)
         return patches

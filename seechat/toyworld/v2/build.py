@@ -91,6 +91,11 @@ class Plan:
     several-shape pictures after 500 steps, 98% / 49% after 1,500, 100% / 78% after 3,000."""
     align_batch: int = 16
     instruct_steps: int = 900
+    """Stage II's loss flattens after about 500 steps, but fewer steps answer worse: Stage I 900 + Stage II 600
+    (2026-11-27, the same experts; 342 s against 378 s) described several-shape pictures 86.9% against 92.5%
+    right, refer 66.9% against 71.2%, which picture 90.0% against 95.0%; 800 Stage II steps with eager attention
+    82.5% / 65.6% / 92.5% (313 s). Stage II with LoRA (r 16) on the text expert instead of all of it: 200 steps
+    took 55.7 s against 52.0 s and ended higher (loss 0.156 against 0.131)."""
     instruct_batch: int = 16
     instruct_llm: str = "full"
     align_llm: str = "frozen"
@@ -105,6 +110,12 @@ class Plan:
     tokens). 8,000 steps on new pictures, dense heads on the validation / shift pictures (colour, kind, box
     coordinate within one pixel, all counts): patch 16 99.0 / 98.5 / 97.0 / 93% and 93.0 / 87.3 / 85.1 / 48%,
     patch 8 100 / 100 / 99.0 / 95% and 100 / 89.9 / 88.9 / 54% (1 thread; 1,027 s against 1,965 s)."""
+    pool: str = "2x2"
+    """With patch_size 8: how each 2x2 block of patches becomes one of the bridge's 16 tokens ("2x2" averages,
+    "stack2x2" sets them side by side). Two builds with stack2x2 (2026-11-27, the same experts; eager / sdpa
+    attention) ended Stage I lower (loss 0.470 / 0.466 against 0.524 / 0.480) but Stage II higher (0.084 / 0.086
+    against 0.081 / 0.075), and described several-shape pictures 76.2% / 76.2% right against 86.9% / 92.5%
+    (counting 91.9% / 91.9% against 97.5% / 98.1%, refer 74.4% / 68.8% against 66.2% / 71.2%)."""
     keep_cls: bool = False
     """Whether the bridge also gets the vision expert's CLS token. Off: the text expert pretrained on slots with
     a CLS token that held every count described several-shape pictures 27% right after 6,000 steps (it named
@@ -115,6 +126,17 @@ class Plan:
     `pretrained_dir()`, on the first build that needs them, then reused), a folder made by
     `python -m seechat.toyworld.v2.make_experts --dest DIR`, or "train" (trained in this build: the vision and
     llm phases)."""
+    attention: str = "sdpa"
+    """The text expert's attention in Stage I/II (`speed.attn_implementation`). With bf16 autocast (on by default
+    on a CPU with AVX512-BF16), eager is faster: 200 steps, 2 threads, Stage I 23.4-24.3 s against 32.2-33.9 s
+    with sdpa, Stage II 41.8-45.4 s against 50.1-50.5 s; but it rounds the attention weights to bf16, and a whole
+    build with it (2026-11-27, the same experts: 311 s against 378 s) ended Stage I at loss 0.524 against 0.480
+    and described several-shape pictures 86.9% against 92.5% right (refer 66.2% against 71.2%)."""
+    cpu_bf16: str = "off"
+    """Stage I/II's bf16 autocast on a CPU with native bf16 (`speed.cpu_bf16`, "auto" by default). Off: on this
+    tiny model it saves little and rounds a lot; two builds (2026-11-27, the same experts, 2-core AMD EPYC with
+    AVX512-BF16) took 342 s in fp32 against 378 s with it, and scored alike (test 88.0% against 88.5%: description
+    92.5% both, refer 73.1% against 71.2%, which picture 92.5% against 95.0%; shift 70.7% against 69.4%)."""
     group_by_length: bool = False
     """Stage I/II batches of samples of similar length (the Trainer's length-grouped sampler). Stage II's
     conversations vary from about 60 to 240 tokens and random batches of 16 are padded to 1.44x their tokens;
@@ -377,7 +399,7 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
     cfg = {
         "output_dir": str(out / "align"),
         "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
-                             "keep_cls": plan.keep_cls, "pool": "2x2" if plan.patch_size == 8 else "none"},
+                             "keep_cls": plan.keep_cls, "pool": plan.pool if plan.patch_size == 8 else "none"},
                   "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")},
                   "image_start": plan.image_start},
         "data": {"train": [{"path": str(out / "data/train/align.jsonl")}],
@@ -386,6 +408,7 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
                      "learning_rate": plan.align_lr, "warmup_steps": 0.05, "logging_steps": 10,
                      "save_steps": plan.align_steps, "seed": seed, **_sampling(plan)},
+        "speed": {"attn_implementation": plan.attention, "cpu_bf16": plan.cpu_bf16},
         "overwrite": True,
     }
     _run_stage("align", cfg, out, load_config, train)
@@ -407,6 +430,7 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
                      "save_steps": plan.instruct_steps, "eval_strategy": "steps",
                      "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed,
                      **_sampling(plan)},
+        "speed": {"attn_implementation": plan.attention, "cpu_bf16": plan.cpu_bf16},
         "overwrite": True,
     }
     _run_stage("instruct", cfg, out, load_config, train)
