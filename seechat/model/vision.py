@@ -52,7 +52,7 @@ class VisionExpert(nn.Module):
         self.has_cls = _has_cls(model)
         grid = mc.image_size // mc.patch_size
         if config.pool == "global":
-            raise ConfigError("vision.pool 'global' is for CNN feature maps; a ViT takes 'none' or '2x2'")
+            raise ConfigError("vision.pool 'global' is for CNN feature maps; a ViT takes 'none', '2x2' or 'stack2x2'")
         if config.pool in ("2x2", "stack2x2") and grid % 2:
             raise ConfigError(f"vision.pool {config.pool!r} needs an even patch grid, but this model has "
                               f"{grid}x{grid} patches")
@@ -99,14 +99,13 @@ class VisionExpert(nn.Module):
             levels = [_post_layernorm(self.model)(f) for f in levels]
         feats = torch.cat(levels, dim=-1) if len(levels) > 1 else levels[0]
         cls, patches = (feats[:, :1], feats[:, 1:]) if self.has_cls else (None, feats)
+        b, n, d = patches.shape
         if self.config.pool == "2x2":
-            b, n, d = patches.shape
             grid = patches.transpose(1, 2).reshape(b, d, self.grid, self.grid)
             patches = nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
         elif self.config.pool == "stack2x2":
-            b, n, d = patches.shape
             g = self.grid // 2
-            patches = (patches.reshape(b, g, 2, g, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, 4 * d))
+            patches = patches.reshape(b, g, 2, g, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, 4 * d)
         if cls is not None and self.config.keep_cls:
             patches = torch.cat([cls, patches], dim=1)
         return patches

@@ -415,7 +415,7 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,
                      "learning_rate": plan.align_lr, "warmup_steps": 0.05, "logging_steps": 10,
                      "save_steps": plan.align_steps, "seed": seed, **_sampling(plan)},
-        "speed": {"attn_implementation": plan.attention, "cpu_bf16": plan.cpu_bf16},
+        "speed": _speed(plan),
         "overwrite": True,
     }
     _run_stage("align", cfg, out, load_config, train)
@@ -437,7 +437,7 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
                      "save_steps": plan.instruct_steps, "eval_strategy": "steps",
                      "eval_steps": plan.instruct_steps, "per_device_eval_batch_size": 32, "seed": seed,
                      **_sampling(plan)},
-        "speed": {"attn_implementation": plan.attention, "cpu_bf16": plan.cpu_bf16},
+        "speed": _speed(plan),
         "overwrite": True,
     }
     _run_stage("instruct", cfg, out, load_config, train)
@@ -505,6 +505,10 @@ def _probes(out: Path) -> dict:
 
 def _sampling(plan: Plan) -> dict:
     return {"train_sampling_strategy": "group_by_length"} if plan.group_by_length else {}
+
+
+def _speed(plan: Plan) -> dict:
+    return {"attn_implementation": plan.attention, "cpu_bf16": plan.cpu_bf16}
 
 
 def _all_texts(seed: int) -> list[str]:
