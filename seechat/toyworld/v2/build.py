@@ -93,7 +93,7 @@ class Plan:
     """Stage I/II batches of 8: a sample costs the same in batches of 8 as of 16 (400 Stage II steps of 8: 47.2 s,
     200 of 16: 48.1 s; 100 of 32: 52.8 s, padded to longer rows), and twice the updates learn more from fewer
     samples. Whole builds (2026-11-27, the same experts, fp32, 2 idle cores): Stage I 700 x 16 + Stage II 900 x 16
-    342 s, test 88.0%, description 92.5%, refer 71.2%... (see cpu_bf16); Stage II 1,400 x 8 (78% of the samples)
+    342 s, test 88.0%, description 92.5%, refer 73.1%, which picture 92.5%; Stage II 1,400 x 8 (78% of the samples)
     303 s, test 89.0%, description 92.5%, refer 75.0%, which picture 92.5%; and Stage I 1,000 x 8 (71%) 267 s,
     test 87.9%, description 90.0%, refer 71.9%, which picture 92.5%, later picture 95.0% (kept: within the 300-s
     budget); Stage I 1,200 x 8 278 s, test 87.4%, description 90.0%, refer 66.9%, which picture 95.0%, later 97.5%."""
