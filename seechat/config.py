@@ -67,6 +67,9 @@ class BridgeConfig:
     """One of: linear, mlp, qformer."""
     depth: int = 2
     """mlp only: number of linear layers, GELU between them (LLaVA-1.5 uses 2)."""
+    hidden: int | None = None
+    """mlp only: width of the layers between the first and the last (None: the text expert's hidden size, as in
+    LLaVA-1.5). Wider helps a small text expert: the bridge must turn features into the embeddings it reads."""
     norm: bool = False
     """linear and mlp: a LayerNorm over each token's vision features before the first layer (InternVL's and
     Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from
@@ -85,6 +88,8 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise ConfigError(f"bridge.depth must be >= 1, got {self.depth}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ConfigError(f"bridge.hidden must be >= 1 (or null: the text expert's width), got {self.hidden}")
         if self.num_queries < 1:
             raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
         if self.norm and self.type not in ("linear", "mlp"):

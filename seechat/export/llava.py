@@ -21,6 +21,10 @@ def check_exportable(model: SeeChat) -> None:
         reasons.append(f"the bridge is {cfg.bridge.type!r}"
                        + (f" of depth {cfg.bridge.depth}" if cfg.bridge.type == "mlp" else "")
                        + ", but LLaVA's projector is exactly a 2-layer GELU MLP (bridge type mlp, depth 2)")
+    width = model.llm.get_input_embeddings().weight.shape[1]
+    if cfg.bridge.type == "mlp" and cfg.bridge.hidden not in (None, width):
+        reasons.append(f"bridge.hidden is {cfg.bridge.hidden}, but LLaVA's projector is as wide as the text expert "
+                       f"({width})")
     if cfg.bridge.norm:
         reasons.append("bridge.norm puts a LayerNorm in front of the bridge, which LLaVA's projector lacks")
     if cfg.vision.pool != "none":

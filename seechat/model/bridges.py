@@ -51,9 +51,10 @@ class MLPBridge(nn.Module):
     def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
-        layers: list[nn.Module] = [nn.Linear(vision_dim, llm_dim)]
-        for _ in range(config.depth - 1):
-            layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
+        widths = [vision_dim] + [config.hidden or llm_dim] * (config.depth - 1) + [llm_dim]
+        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        for a, b in zip(widths[1:-1], widths[2:]):
+            layers += [nn.GELU(), nn.Linear(a, b)]
         self.layers = nn.Sequential(*layers)
 
     def num_tokens(self, n_in: int) -> int:

@@ -111,6 +111,10 @@ class Plan:
     8.8%, later picture 80.0%."""
     align_llm: str = "frozen"
     """What of the text expert Stage I trains: full, lora or frozen (bridge only)."""
+    align_data: str = "captions"
+    """Stage I's data: "captions" (grounded captions) or "all" (and the Stage II conversations)."""
+    bridge_hidden: int | None = None
+    """Width of the MLP bridge's middle layer (None: the text expert's, 128)."""
     align_lr: float = 3e-3
     """6e-3 (2026-11-27, the same experts, fp32) ended Stage I lower (loss 0.448 against 0.48-0.52) and answered
     worse: description 82.5% against 92.5%, counting 95.0% against 97.5%, which picture 85.0% against 92.5%. As with
@@ -415,9 +419,11 @@ def _align(out: Path, plan: Plan, seed: int, timings) -> None:
         "output_dir": str(out / "align"),
         "model": {"vision": {"name_or_path": str(out / "clip"), "feature_layer": plan.feature_layer,
                              "keep_cls": plan.keep_cls, "pool": plan.pool if plan.patch_size == 8 else "none"},
-                  "bridge": {"type": "mlp", "depth": 2}, "llm": {"name_or_path": str(out / "llm")},
+                  "bridge": {"type": "mlp", "depth": 2, "hidden": plan.bridge_hidden},
+                  "llm": {"name_or_path": str(out / "llm")},
                   "image_start": plan.image_start},
-        "data": {"train": [{"path": str(out / "data/train/align.jsonl")}],
+        "data": {"train": [{"path": str(out / "data/train/align.jsonl")}]
+                 + ([{"path": str(out / "data/train/conversations.json")}] if plan.align_data == "all" else []),
                  "prompts": [ALIGN_PROMPT], "max_length": MAX_LENGTH},
         "parts": {"llm": plan.align_llm},
         "training": {"max_steps": plan.align_steps, "per_device_train_batch_size": plan.align_batch,

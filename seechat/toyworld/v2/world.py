@@ -35,9 +35,10 @@ from ..world import Scene as _SceneV1, Shape as _ShapeV1
 
 CELL = 16  # the vision expert's patch: no two shapes of a scene have their centres in the same one
 NUMBERS = {0: "零", 1: "一", 2: "两", 3: "三", 4: "四"}
-ANSWERS = 3
+ANSWERS = 4
 """The version of the answers' wording: 2 checks each shape or picture inline (`_marked`); 3 also boxes the
-shapes asked for as refer and detect-all answers check every shape in turn (`refer`). Pretrained toy experts
+shapes asked for as refer and detect-all answers check every shape in turn (`refer`); 4 names each shape before
+its check there too (红色的圆形（是）<box>…</box>, not <ref>红色的圆形</ref><box>…</box>). Pretrained toy experts
 record the version they were made with; a build remakes them when it differs."""
 ORDINALS = {0: "第一张", 1: "第二张", 2: "第三张"}
 ENGLISH = {**_ENGLISH_V1, "没有": "none", "问的是": "asked:", "（不是）": "(no)", "（是）": "(yes)", "（相同）": "(same)",
@@ -332,7 +333,7 @@ def _marked(shapes: list[Shape], hit, running: bool = False, boxed: bool = False
         is_hit = bool(hit(s))
         k += is_hit
         if boxed and is_hit:
-            out.append(box_text(s.box, IMAGE_SIZE, IMAGE_SIZE, s.name))
+            out.append(f"{s.name}（是）" + box_text(s.box, IMAGE_SIZE, IMAGE_SIZE))
         else:
             out.append(f"{s.name}（{('一二三四'[k - 1] if running else '是') if is_hit else '不是'}）")
     return _listing(out), k
