@@ -20,6 +20,7 @@ def test_round_trip_through_json():
         ({"vision": {"feature_layer": "last"}}, "feature_layer must be int"),
         ({"vision": {"pool": "3x3"}}, "vision.pool must be one of"),
         ({"bridge": {"depth": 0}}, "bridge.depth must be >= 1"),
+        ({"bridge": {"hidden": 0}}, "bridge.hidden must be >= 1"),
         ({"bridge": {"frozen_qformer": True}}, "needs bridge.qformer_from"),
         ({"llm": {"stop_tokens": "x"}}, "stop_tokens must be list[str]"),
         ({"format": 99}, "format 99 is not supported"),

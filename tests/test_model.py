@@ -149,6 +149,23 @@ def test_bridge_norm_normalises_each_feature_level_on_its_own(experts, red, tmp_
                                    model.encode_images(pixels))
 
 
+def test_mlp_bridge_hidden_width_is_kept_through_save_and_load(experts, red, tmp_path):
+    cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
+    cfg.bridge.hidden = 48
+    model = seechat.build(cfg, device="cpu")
+    assert [tuple(m.weight.shape) for m in model.bridge.layers if isinstance(m, torch.nn.Linear)] == [(48, 32), (64, 48)]  # vision 32 -> 48 -> text expert 64
+    with torch.no_grad():
+        pixels = model.processor.pixel_values([red])
+        model.save(tmp_path / "m")
+        again = seechat.load(tmp_path / "m", device="cpu")
+        torch.testing.assert_close(again.encode_images(pixels), model.encode_images(pixels))
+    assert again.config.bridge.hidden == 48
+    from seechat.export.llava import check_exportable
+
+    with pytest.raises(ConfigError, match="bridge.hidden is 48, but LLaVA's projector is as wide as the text expert"):
+        check_exportable(model)
+
+
 def test_bad_compositions_name_the_valid_choices(experts):
     with pytest.raises(ConfigError, match=r"unknown bridge type 'perceiver'; valid types are \['linear', 'mlp', 'qformer'\]"):
         cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from seechat.boxes import parse_boxes
+from seechat.boxes import box_text, parse_boxes
 from seechat.toyworld.v2 import world
 
 
@@ -29,14 +29,14 @@ def test_scenes_of_several_shapes_and_their_questions():
         det = qs["detect"]
         assert len(parse_boxes(det["answer"])) == len(det["boxes"]) and all(
             any(b == list(s.box) for s in scene.shapes) for b in det["boxes"])
-        # refer and detect-all walk every shape in reading order, boxing those asked for where they come
+        # refer and detect-all walk every shape in reading order, each named before its check, boxing those asked for
         for q in (qs["refer"], det):
-            found = [b.ref for b in parse_boxes(q["answer"])]
-            assert found == [s.name for s in in_order if list(s.box) in q["boxes"]]
-            walked = re.sub("<ref>(.+?)</ref><box>.+?</box>", r"\1（是）", q["answer"])
-            assert walked.startswith("图中是") and re.findall("（(.+?)）", walked) == [
-                "是" if s.name in found else "不是" for s in in_order]
-        assert [b.ref for b in parse_boxes(qs["refer"]["answer"])] == [qs["refer"]["label"]]
+            items = re.findall("(.色的(?:圆形|正方形|三角形|星形))（(是|不是)）(<box>.+?</box>)?", q["answer"])
+            assert q["answer"].startswith("图中是") and [n for n, _, _ in items] == [s.name for s in in_order]
+            assert [(m, b) for _, m, b in items] == [
+                ("是", box_text(s.box, 64, 64)) if list(s.box) in q["boxes"] else ("不是", "") for s in in_order]
+        assert [n for n, m, _ in re.findall("(.色的(?:圆形|正方形|三角形|星形))（(是|不是)）(<box>)?",
+                                            qs["refer"]["answer"]) if m == "是"] == [qs["refer"]["label"]]
         assert det["boxes"] or det["answer"].endswith(f"，没有{det['label']}。")
         region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
         named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
@@ -72,7 +72,7 @@ def test_scenes_of_several_shapes_and_their_questions():
         assert q["answer"].startswith("问的是" + asked)
         assert q["answer"].endswith("所以是的。" if asked in ("红色", "三角形", "右下角") else "所以不是。")
     x0, y0, x1, y1 = scene.main.box
-    assert (x0 + x1) / 2 > 32 and (y0 + y1) / 2 > 32 and parse_boxes(qs["refer"]["answer"])[0].ref == "红色的三角形"
+    assert (x0 + x1) / 2 > 32 and (y0 + y1) / 2 > 32 and qs["refer"]["answer"].startswith("图中是红色的三角形（是）<box>")
     assert parse_boxes(qs["refer"]["answer"])[0].to_pixels(64, 64) == pytest.approx(scene.main.box, abs=0.04)
     # the shift split renders outside the training ranges
     a = world.sample_scenes(0, "shift", 4, style=world.SHIFT)
@@ -135,7 +135,7 @@ def test_answers_that_work_to_a_decision_are_judged_by_it():
     # detect-all with nothing to find: no box and the same decision
     none = {"type": "detect", "boxes": [], "answer": "图中是蓝色的星形（不是），没有三角形。"}
     assert judge(none, "图中是蓝色的圆形（不是），没有三角形。")[0]
-    assert not judge(none, "图中是<ref>蓝色的星形</ref><box>(0,0),(500,500)</box>。")[0]
+    assert not judge(none, "图中是蓝色的星形（是）<box>(0,0),(500,500)</box>。")[0]
     assert not judge(none, "图中是蓝色的星形（不是），没有圆形。")[0]
     # other types still need the whole answer
     assert not judge({"type": "description", "answer": "一个红色的圆形在中间。"}, "一个红色的圆形在左上角。")[0]

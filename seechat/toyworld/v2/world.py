@@ -4,7 +4,8 @@ A scene holds 1-4 shapes with little or no overlap, each with its colour, kind, 
 bounding box (its tight pixel box, also for rotated shapes). One-shape scenes carry the original questions
 (colour, shape, position, description, yes/no, follow-up); every scene carries counting, existence,
 refer-to-box (grounding), detect-all and region-description questions, whose boxes are written in
-seechat.boxes' format (`<ref>红色的圆形</ref><box>(x1,y1),(x2,y2)</box>`, 0..1000). Conversations with 2-3
+seechat.boxes' format (`<box>(x1,y1),(x2,y2)</box>`, 0..1000; `<ref>红色的圆形</ref>` before each box of a grounded
+caption). Conversations with 2-3
 pictures (several in one message, or brought in later) ask which picture, compare pictures, describe the
 newest one and follow up on it.
 
@@ -323,7 +324,7 @@ def count_answer(shapes: list[Shape], what: str = "所有图形", hit=None) -> s
 
 def _marked(shapes: list[Shape], hit, running: bool = False, boxed: bool = False) -> tuple[str, int]:
     """The shapes in reading order, each followed by its check: （是） or its running number when `hit` (with
-    `boxed`, a hit is named and boxed instead: `<ref>红色的圆形</ref><box>…</box>`), else （不是）; and how many
+    `boxed`, a hit is also boxed: `红色的圆形（是）<box>…</box>`), else （不是）; and how many
     were hit. Answers that decide over several things decide one at a time, each check
     next to what it checks, because the tiny text expert compares two things far apart badly: trained 3,000
     steps on the same questions with the picture's content said in words, it reached 58% (existence) and 68%
@@ -404,10 +405,14 @@ def _listing(names: list[str]) -> str:
 
 def refer(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
     """The shape asked for, boxed where it comes as the answer checks every shape in reading order:
-    图中是红色的圆形（不是）和<ref>蓝色的星形</ref><box>(484,94),(750,359)</box>。 The text expert reading true
+    图中是红色的圆形（不是）和蓝色的星形（是）<box>(484,94),(750,359)</box>。 The text expert reading true
     slots boxed 24% of the shapes asked for in several-shape pictures right when the answer was the box alone,
     but 90.5% of the shapes in its grounded captions (every shape boxed in reading order, Stage I's text):
-    walking the shapes in order finds the one asked for, looking one up by name did not."""
+    walking the shapes in order finds the one asked for, looking one up by name did not. Each shape is named
+    before its check: with the hit written `<ref>蓝色的星形</ref><box>…</box>` (answers version 3) the text expert
+    had to tell whether the next shape was the one asked for before naming it, and reading true slots it boxed
+    78.7% of the refer questions right (detect-all 71.1%); the same expert trained 1,200 steps more on this
+    wording, 95.7% (88.9%)."""
     s = rng.choice(scene.shapes)
     listed, _ = _marked(scene.shapes, lambda t: t is s, boxed=True)
     return {"type": "refer", "question": _ask(rng, "refer", held_out, s.name), "answer": f"图中是{listed}。",
@@ -416,7 +421,7 @@ def refer(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
 
 def detect(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
     """Every shape of one kind (or one colour) boxed as the answer checks each shape in reading order (as
-    `refer`): 图中是<ref>红色的三角形</ref><box>…</box>、蓝色的星形（不是）和<ref>绿色的三角形</ref><box>…</box>。;
+    `refer`): 图中是红色的三角形（是）<box>…</box>、蓝色的星形（不是）和绿色的三角形（是）<box>…</box>。;
     图中是蓝色的星形（不是），没有三角形。 when there is none."""
     if rng.random() < 0.5:
         kind = rng.choice([s.kind for s in scene.shapes] if rng.random() < 0.85 else list(SHAPES))
