@@ -69,7 +69,7 @@ class BridgeConfig:
     """mlp only: number of linear layers, GELU between them (LLaVA-1.5 uses 2)."""
     hidden: int | None = None
     """mlp only: width of the layers between the first and the last (None: the text expert's hidden size, as in
-    LLaVA-1.5). Wider helps a small text expert: the bridge must turn features into the embeddings it reads."""
+    LLaVA-1.5)."""
     norm: bool = False
     """linear and mlp: a LayerNorm over each token's vision features before the first layer (InternVL's and
     Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from

@@ -153,7 +153,8 @@ def test_mlp_bridge_hidden_width_is_kept_through_save_and_load(experts, red, tmp
     cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
     cfg.bridge.hidden = 48
     model = seechat.build(cfg, device="cpu")
-    assert [tuple(m.weight.shape) for m in model.bridge.layers if isinstance(m, torch.nn.Linear)] == [(48, 32), (64, 48)]  # vision 32 -> 48 -> text expert 64
+    linear = [tuple(m.weight.shape) for m in model.bridge.layers if isinstance(m, torch.nn.Linear)]
+    assert linear == [(48, 32), (64, 48)]  # vision 32 -> 48 -> text expert 64
     with torch.no_grad():
         pixels = model.processor.pixel_values([red])
         model.save(tmp_path / "m")

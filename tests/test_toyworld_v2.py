@@ -30,13 +30,13 @@ def test_scenes_of_several_shapes_and_their_questions():
         assert len(parse_boxes(det["answer"])) == len(det["boxes"]) and all(
             any(b == list(s.box) for s in scene.shapes) for b in det["boxes"])
         # refer and detect-all walk every shape in reading order, each named before its check, boxing those asked for
-        for q in (qs["refer"], det):
-            items = re.findall("(.色的(?:圆形|正方形|三角形|星形))（(是|不是)）(<box>.+?</box>)?", q["answer"])
-            assert q["answer"].startswith("图中是") and [n for n, _, _ in items] == [s.name for s in in_order]
+        walks = {t: re.findall("(.色的(?:圆形|正方形|三角形|星形))（(是|不是)）(<box>.+?</box>)?", qs[t]["answer"])
+                 for t in ("refer", "detect")}
+        for t, items in walks.items():
+            assert qs[t]["answer"].startswith("图中是") and [n for n, _, _ in items] == [s.name for s in in_order]
             assert [(m, b) for _, m, b in items] == [
-                ("是", box_text(s.box, 64, 64)) if list(s.box) in q["boxes"] else ("不是", "") for s in in_order]
-        assert [n for n, m, _ in re.findall("(.色的(?:圆形|正方形|三角形|星形))（(是|不是)）(<box>)?",
-                                            qs["refer"]["answer"]) if m == "是"] == [qs["refer"]["label"]]
+                ("是", box_text(s.box, 64, 64)) if list(s.box) in qs[t]["boxes"] else ("不是", "") for s in in_order]
+        assert [n for n, m, _ in walks["refer"] if m == "是"] == [qs["refer"]["label"]]
         assert det["boxes"] or det["answer"].endswith(f"，没有{det['label']}。")
         region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
         named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")

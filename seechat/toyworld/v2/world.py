@@ -5,9 +5,8 @@ bounding box (its tight pixel box, also for rotated shapes). One-shape scenes ca
 (colour, shape, position, description, yes/no, follow-up); every scene carries counting, existence,
 refer-to-box (grounding), detect-all and region-description questions, whose boxes are written in
 seechat.boxes' format (`<box>(x1,y1),(x2,y2)</box>`, 0..1000; `<ref>红色的圆形</ref>` before each box of a grounded
-caption). Conversations with 2-3
-pictures (several in one message, or brought in later) ask which picture, compare pictures, describe the
-newest one and follow up on it.
+caption). Conversations with 2-3 pictures (several in one message, or brought in later) ask which picture,
+compare pictures, describe the newest one and follow up on it.
 
 Rendering is deliberately varied (`Style`): sizes from about 1/7 to 1/2 of the picture, small rotations,
 aliased or anti-aliased edges, noise, blur, JPEG artefacts and plain, tinted or graded backgrounds. The
