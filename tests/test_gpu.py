@@ -77,3 +77,27 @@ def test_bf16_training_steps_on_cuda(experts, train_data, tmp_path):
     assert next(result.trainer.model.parameters()).device.type == "cuda"
     losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_toy_text_expert_pretrains_and_answers_on_cuda(tmp_path):
+    import json
+    import random
+
+    from seechat.toyworld.experts import ExpertSizes
+    from seechat.toyworld.v2 import world
+    from seechat.toyworld.v2.build import _all_texts
+    from seechat.toyworld.v2.experts import make_tokenizers
+    from seechat.toyworld.v2.slots import check, train_llm_on_slots
+
+    tok, _ = make_tokenizers(_all_texts(0)[:400])
+    losses = train_llm_on_slots(tmp_path / "llm", tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1), steps=40,
+                                batch=8, seed=0, weights=(1, 1, 1, 1), prompt="描述", device="cuda")
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    scenes = world.sample_scenes(0, "test", 8)
+    rng = random.Random(0)
+    rows = [{"id": f"q{i}", "image": f"images/{i:05d}.png", **q} for i, s in enumerate(scenes)
+            for q in world.questions(s, rng)[:2]]
+    (tmp_path / "data/test").mkdir(parents=True)
+    (tmp_path / "data/test/qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    result = check(tmp_path, {"test": scenes}, n=6, device="cuda")
+    assert result and all(k.startswith("test:") and 0 <= v <= 1 for k, v in result.items())

@@ -404,7 +404,7 @@ def _lm_weights(plan: Plan) -> tuple[float, float, float, float]:
     return (*pictures, sum(pictures) * plan.lm_text_share / (1 - plan.lm_text_share))
 
 
-def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
+def _llm(out: Path, plan: Plan, seed: int, timings, device: str = "cpu") -> None:
     from transformers import AutoTokenizer
 
     from ..experts import train_llm  # v1's pretraining loop, with v2's sizes and texts
@@ -419,9 +419,12 @@ def _llm(out: Path, plan: Plan, seed: int, timings) -> None:
                                     steps=plan.lm_steps, batch=plan.lm_batch, seed=seed, lr=plan.lm_lr,
                                     weights=_lm_weights(plan), prompt=ALIGN_PROMPT,
                                     noise=plan.slot_noise, image_start=plan.image_start, cls=plan.keep_cls,
-                                    info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar)
+                                    info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar,
+                                    device=device)
         _losses(out, "llm", losses)
         return
+    if device != "cpu":
+        raise ValueError(f"the text expert trains on {device} only with llm_reads 'slots' (this plan: 'text')")
     grounded = json.loads((out / "data" / "grounded.json").read_text())
     convs = json.loads((out / "data" / "train" / "conversations.json").read_text())
     for c in convs:

@@ -55,11 +55,11 @@ class SceneSlots(torch.nn.Module):
         patch = here * self.shape + (1 - here) * self.empty + self.cell.weight
         for key, table in (("colour", self.colour), ("kind", self.kind), ("position", self.position)):
             patch = patch + table(t[key].clamp(min=0)) * (t[key] >= 0).unsqueeze(-1)
-        box = self.box(t["box"].clamp(min=0) + torch.arange(4) * (world.IMAGE_SIZE + 1))
+        box = self.box(t["box"].clamp(min=0) + torch.arange(4, device=t["box"].device) * (world.IMAGE_SIZE + 1))
         patch = patch + (box * (t["box"] >= 0).unsqueeze(-1)).sum(2)
         if not self.with_cls:
             return patch
-        cls = self.cls + self.count(t["counts"] + torch.arange(self.n_counts) * 5).sum(1)
+        cls = self.cls + self.count(t["counts"] + torch.arange(self.n_counts, device=t["counts"].device) * 5).sum(1)
         return torch.cat([cls.unsqueeze(1), patch], dim=1)
 
 
@@ -110,7 +110,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
 def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
                        weights: tuple[float, float, float, float], prompt: str, lr: float = 3e-3, noise: float = 0.2,
                        image_start: str = "", cls: bool = False, info: dict | None = None,
-                       max_positions: int = 1024, progress=None) -> list[float]:
+                       max_positions: int = 1024, progress=None, device: str = "cpu") -> list[float]:
     """Pretrain a GLM-architecture text expert on `fresh_records` (seechat's Stage I/II records over scenes
     drawn anew each step) with each picture's place filled by `SceneSlots`; the loss on the answers only.
     Fresh scenes because on a fixed set (the build's 10,000 training pictures) it learnt them by heart: after
@@ -118,14 +118,14 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     Gaussian noise of `noise` times the slots' spread is added to them, so that the text expert reads what is
     near a slot as that slot (the bridge will never hit them exactly). Saves the model with its tokenizer,
     and the slots (for `check`) in OUT/slots.safetensors, with `info` (the build's plan and seed) in
-    OUT/slots.json."""
+    OUT/slots.json. `device`: where it trains ("cuda": the pictures are still drawn on the CPU)."""
     from safetensors.torch import save_file
 
     from ...data.datasets import Collator
 
     torch.manual_seed(seed)
-    model = new_llm(tokenizer, sizes, max_positions)
-    slots = SceneSlots(sizes.llm_hidden, cls=cls)
+    model = new_llm(tokenizer, sizes, max_positions).to(device)
+    slots = SceneSlots(sizes.llm_hidden, cls=cls).to(device)
     processor = _processor(tokenizer, image_start, cls)
     draw = fresh_records(seed, weights, prompt)
     collate = Collator(tokenizer.pad_token_id)  # the training collator's right padding
@@ -141,8 +141,8 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
             r = processor.render(rec.messages, num_images=len(rec.images), with_labels=True)
             rows.append({"input_ids": r.input_ids, "labels": r.labels, "pixel_values": None})
             pictures += scenes
-        padded = collate(rows)
-        filled = slots(dense_targets(pictures, 4)) if pictures else None
+        padded = {k: v.to(device) for k, v in collate(rows).items() if isinstance(v, torch.Tensor)}
+        filled = slots({k: v.to(device) for k, v in dense_targets(pictures, 4).items()}) if pictures else None
         if filled is not None:
             filled = filled + noise * filled.detach().std() * torch.randn_like(filled)
         loss = model(inputs_embeds=_embed(model, processor, padded["input_ids"], filled),
@@ -156,7 +156,8 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     return losses
 
 
-def check(out: Path, scenes_of: dict[str, list[world.Scene]], n: int = 400, seed: int = 0) -> dict[str, float]:
+def check(out: Path, scenes_of: dict[str, list[world.Scene]], n: int = 400, seed: int = 0,
+          device: str = "cpu") -> dict[str, float]:
     """Accuracy per split and type of OUT/llm answering up to `n` random questions of each of `scenes_of`'s
     splits (OUT/data/SPLIT/qa.jsonl) while reading the true slots of their pictures (greedy, one at a time)."""
     from safetensors.torch import load_file
@@ -166,14 +167,15 @@ def check(out: Path, scenes_of: dict[str, list[world.Scene]], n: int = 400, seed
     from .evaluate import judge
 
     tok = AutoTokenizer.from_pretrained(out / "llm")
-    model = GlmForCausalLM.from_pretrained(out / "llm").eval()
+    model = GlmForCausalLM.from_pretrained(out / "llm").eval().to(device)
     info = json.loads((out / "llm" / "slots.json").read_text())
     slots = SceneSlots(info["width"], cls=info.get("cls", True))
     slots.load_state_dict(load_file(out / "llm" / "slots.safetensors"))
+    slots.to(device)
     processor = _processor(tok, info["image_start"], slots.with_cls)
     right: dict[str, list[bool]] = {}
     for split, scenes in scenes_of.items():
-        targets = dense_targets(scenes, 4)
+        targets = {k: v.to(device) for k, v in dense_targets(scenes, 4).items()}
         rows = [json.loads(line) for line in open(out / "data" / split / "qa.jsonl", encoding="utf-8")]
         random.Random(seed).shuffle(rows)
         for row in tqdm(rows[:n], desc=f"check {split}", leave=False):
@@ -184,7 +186,7 @@ def check(out: Path, scenes_of: dict[str, list[world.Scene]], n: int = 400, seed
             # the marker rule of training data (a marker added where a record has none), then the question alone
             rec = conversation_record([*messages, {"role": "assistant", "content": "-"}], images, "check")
             ids = torch.tensor([processor.render(rec.messages[:-1], num_images=len(images),
-                                                 add_generation_prompt=True).input_ids])
+                                                 add_generation_prompt=True).input_ids], device=device)
             with torch.no_grad():
                 filled = slots({k: v[[int(Path(i).stem) for i in images]] for k, v in targets.items()})
                 new = model.generate(inputs_embeds=_embed(model, processor, ids, filled),
@@ -201,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seechat.toyworld.v2.slots", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="a v2 build made with llm_reads='slots' (its data/ and llm/)")
     parser.add_argument("--n", type=int, default=400, help="questions per split")
+    parser.add_argument("--device", default="cpu", help="where the text expert answers (cpu, cuda)")
     args = parser.parse_args(argv)
     quiet_hf()
     info = json.loads((args.out / "llm" / "slots.json").read_text())
     plan, seed = Plan(**info["plan"]), info["seed"]
     scenes_of = {"test": _scenes(plan, seed, "test"), "multi": world.sample_scenes(seed, "multi", plan.n_multi * 3)}
-    for key, value in check(args.out, scenes_of, args.n, seed).items():
+    for key, value in check(args.out, scenes_of, args.n, seed, args.device).items():
         print(f"{key:20s} {value:.1%}")
     return 0
 
