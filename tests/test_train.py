@@ -123,6 +123,33 @@ def test_parts_overrides(experts, train_data, tmp_path):
         train("align", _cfg(tmp_path, _align_config(experts, train_data, tmp_path / "x"), ["parts.llm=half"]))
 
 
+def test_the_bridge_learns_at_its_own_rate(experts, train_data, tmp_path):
+    from transformers import TrainerCallback
+
+    class First(TrainerCallback):  # the weights before the first step
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    first = First()
+    cfg = _cfg(tmp_path, _align_config(experts, train_data, tmp_path / "b", max_steps=1, save_steps=100,
+                                       warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0),
+               ["parts.llm=full", "parts.bridge_lr=0.1"])
+    result = train("align", cfg, callbacks=[first])
+    groups = result.trainer.optimizer.param_groups
+    bridge = {id(p) for p in result.trainer.model.bridge.parameters()}
+    assert {g["lr"] for g in groups if any(id(p) in bridge for p in g["params"])} == {0.1}
+    assert {g["lr"] for g in groups if not any(id(p) in bridge for p in g["params"])} == {5e-3}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(first.before)  # every trainable parameter once
+    # Adam's first step moves a weight with a gradient by about its group's rate
+    moved = {part: max((p.detach() - first.before[n]).abs().max().item()
+                       for n, p in result.trainer.model.named_parameters() if n.startswith(part) and n in first.before)
+             for part in ("bridge", "llm")}
+    assert 0.09 < moved["bridge"] < 0.11 and 4e-3 < moved["llm"] < 6e-3
+    with pytest.raises(ConfigError, match="bridge_lr must be a positive"):
+        _cfg(tmp_path, _align_config(experts, train_data, tmp_path / "x"), ["parts.bridge_lr=-1"])
+
+
 def test_too_many_bad_samples_stop_the_run_with_examples(experts, train_data, tmp_path, capsys):
     cfg = _align_config(experts, train_data, tmp_path / "bad", max_steps=4, save_steps=100)
     cfg["data"] = {"train": [{"path": str(train_data / "mixed_bad.jsonl")}], "bad_ratio_after": 4}

@@ -32,6 +32,12 @@ class PartsConfig:
     """train or frozen."""
     llm: str | None = None
     """frozen, lora or full."""
+    bridge_lr: float | None = None
+    """The bridge's own learning rate (LLaVA's mm_projector_lr), on the same schedule; null: training's."""
+
+    def __post_init__(self) -> None:
+        if self.bridge_lr is not None and not self.bridge_lr > 0:
+            raise ConfigError(f"parts.bridge_lr must be a positive learning rate, got {self.bridge_lr!r}")
 
     def resolve(self, stage: str) -> dict[str, str]:
         if stage not in PRESETS:

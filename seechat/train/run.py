@@ -186,6 +186,7 @@ def train(stage: str, cfg: TrainConfig, callbacks: list | None = None) -> TrainR
         run_yaml=run_yaml,
         max_bad_ratio=data.max_bad_ratio,
         bad_ratio_after=data.bad_ratio_after,
+        bridge_lr=cfg.parts.bridge_lr,
     )
     for callback in callbacks or ():
         if getattr(callback, "replaces_progress", False):

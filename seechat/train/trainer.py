@@ -34,8 +34,9 @@ class BadDataError(SeeChatError):
 
 class SeeChatTrainer(Trainer):
     def __init__(self, *args, llm_weights: str, run_yaml: str, max_bad_ratio: float, bad_ratio_after: int,
-                 **kwargs):
+                 bridge_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.bridge_lr = bridge_lr
         self.llm_weights = llm_weights
         self.run_yaml = run_yaml
         self.data_guard = DataGuard(self, max_bad_ratio, bad_ratio_after)
@@ -62,6 +63,30 @@ class SeeChatTrainer(Trainer):
             extra = sum(p.sum() * 0.0 for p in bridge) if bridge else 0.0
             result = (result[0] + extra, result[1]) if return_outputs else result + extra
         return result
+
+    # -- optimiser ------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimiser; with `bridge_lr`, the bridge's parameters move to groups of their own at that
+        rate (the scheduler, made afterwards, scales every group alike)."""
+        had = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if self.bridge_lr is None or had:
+            return optimizer
+        bridge = {id(p) for p in _unwrap(self.model).bridge.parameters() if p.requires_grad}
+        moved = []
+        for group in list(optimizer.param_groups):
+            mine = [p for p in group["params"] if id(p) in bridge]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in bridge]
+                moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                              "lr": self.bridge_lr})
+        if not moved:
+            raise SeeChatError("parts.bridge_lr is set but no trainable bridge parameter is in the optimiser "
+                               "(a frozen bridge, or a wrapper that flattens parameters): drop parts.bridge_lr")
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        for group in moved:
+            optimizer.add_param_group(group)
+        return optimizer
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
