@@ -137,6 +137,11 @@ def test_answers_that_work_to_a_decision_are_judged_by_it():
     assert judge(none, "图中是蓝色的圆形（不是），没有三角形。")[0]
     assert not judge(none, "图中是蓝色的星形（是）<box>(0,0),(500,500)</box>。")[0]
     assert not judge(none, "图中是蓝色的星形（不是），没有圆形。")[0]
+    # accuracies come with Wilson's 95% interval (0 of 10: up to 27.8%; 155 of 160: 92.9-98.7%)
+    from seechat.toyworld.v2.evaluate import interval95
+
+    assert interval95(0, 10) == [0.0, 0.2775] and interval95(10, 10) == [0.7225, 1.0]
+    assert interval95(155, 160) == [0.9289, 0.9866]
     # other types still need the whole answer
     assert not judge({"type": "description", "answer": "一个红色的圆形在中间。"}, "一个红色的圆形在左上角。")[0]
 
@@ -215,6 +220,10 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
         assert metrics[key] is not None, key
     assert set(metrics["multi_image_accuracy"]) == set(world.MULTI_KINDS)
     assert all(0 <= v <= 1 for v in metrics["shift_per_type"].values())
+    for acc, ci in ((metrics["per_type"], metrics["per_type_interval95"]),
+                    (metrics["multi_image_accuracy"], metrics["multi_image_interval95"])):
+        assert set(ci) == set(acc) and all(lo <= acc[t] <= hi for t, (lo, hi) in ci.items())
+    assert "Wilson 95% intervals" in (out / "report.md").read_text()
     for name in ("model/seechat.json", "data/test/refs.jsonl", "data/test/dets.jsonl", "data/multi/qa.jsonl",
                  "data/shift/qa.jsonl", "report.md", "report_grid.png"):
         assert (out / name).is_file(), name

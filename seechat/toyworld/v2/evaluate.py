@@ -24,6 +24,14 @@ DECIDED = ("counting", "exist", "yesno", "compare")
 """Types whose answers work their way to a decision in their last clause."""
 
 
+def interval95(right: int, n: int) -> list[float]:
+    """Wilson's 95% score interval of an accuracy of `right` in `n` (a few lines; scipy is no dependency)."""
+    z = 1.959964
+    p, z2 = right / n, z * z / n
+    centre, half = (p + z2 / 2) / (1 + z2), z * ((p * (1 - p) + z2 / 4) / n) ** 0.5 / (1 + z2)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
 def decision(answer: str) -> str:
     """The clause after an answer's last comma, without the full stop: 所以有 / 共两个 / 一个也没有."""
     return answer.strip().rstrip("。").rsplit("，", 1)[-1]
@@ -79,6 +87,8 @@ def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, m
     return {
         "accuracy": round(sum(everything) / len(everything), 4),
         "per_type": {t: round(sum(by_type[t]) / len(by_type[t]), 4) for t in order},
+        "per_type_interval95": {t: interval95(sum(by_type[t]), len(by_type[t])) for t in order},
+        "per_type_n": {t: len(by_type[t]) for t in order},
         "per_type_exact": {t: round(sum(exact[t]) / len(exact[t]), 4) for t in order},
         "grounding_acc50": round(sum(v >= 0.5 for v in ious) / len(ious), 4) if ious else None,
         "grounding_miou": round(sum(ious) / len(ious), 4) if ious else None,

@@ -34,20 +34,28 @@ def write_report(out: Path, metrics: dict) -> Path:
     ]
     for qtype in world.QUESTION_TYPES:
         if qtype in metrics["per_type"]:
-            cells = [metrics.get(k, {}).get(qtype) for k in ("per_type", "shift_per_type", "heldout_phrasing_per_type",
-                                                              "heldout_per_type")]
-            lines.append(f"| {TYPE_NAMES[qtype]} | " + " | ".join(_pct(c) for c in cells) + " |")
+            cells = [_pct(metrics["per_type"][qtype], (metrics.get("per_type_interval95") or {}).get(qtype)),
+                     _pct(metrics.get("shift_per_type", {}).get(qtype),
+                          (metrics.get("shift_per_type_interval95") or {}).get(qtype))]
+            cells += [_pct(metrics.get(k, {}).get(qtype)) for k in ("heldout_phrasing_per_type", "heldout_per_type")]
+            lines.append(f"| {TYPE_NAMES[qtype]} | " + " | ".join(cells) + " |")
+    lines += ["", "In brackets: Wilson 95% intervals (questions per type: "
+              + ", ".join(f"{split} {max(n.values())}" for split, n in (metrics.get("n_per_type") or {}).items()
+                          if split in ("test", "shift", "multi") and n) + ")."]
     multi = metrics.get("multi_image_accuracy") or {}
     if multi:
+        ci = metrics.get("multi_image_interval95") or {}
         lines += ["", "Several pictures in one conversation (`multi` split):", "", "| kind | accuracy |", "|---|---|"]
-        lines += [f"| {MULTI_NAMES.get(k, k)} | {_pct(v)} |" for k, v in multi.items()]
+        lines += [f"| {MULTI_NAMES.get(k, k)} | {_pct(v, ci.get(k))} |" for k, v in multi.items()]
     lines += ["", "## Sample test pictures and the model's answers", "",
               "Red boxes: the model's answers to refer-to-box and detect-all questions; green: the true boxes.", ""]
     return write_lines(out, lines, grid, losses)
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"
+def _pct(v, interval=None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1%}" + (f" ({interval[0]:.1%}-{interval[1]:.1%})" if interval else "")
 
 
 def _plot_grid(out: Path, n: int = 12) -> Path:
