@@ -122,6 +122,19 @@ def test_every_answer_has_an_english_gloss():
         "asked: blue star . red circle (no) and blue star (yes) , so yes.")
 
 
+def test_pictures_drawn_on_every_core_are_the_ones_each_scene_draws(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from seechat.toyworld.v2.build import _render
+
+    scenes = world.sample_scenes(0, "train", 1000, multi=0.5)  # enough for two processes
+    _render(scenes, tmp_path, "train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:05d}.png" for i in range(1000)]
+    for i in (0, 1, 499, 500, 998, 999):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i:05d}.png")), np.asarray(scenes[i].render())), i
+
+
 def test_answers_that_work_to_a_decision_are_judged_by_it():
     from seechat.toyworld.v2.evaluate import judge
 

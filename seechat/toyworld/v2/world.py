@@ -140,12 +140,13 @@ class Scene(_SceneV1):
             _draw(draw, s, k)
         if aa:
             img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-        if rng.random() < 0.5 or st is not TRAIN:
+        # `!=`, not `is not`: a scene sent to another process to be drawn has an equal style, not the same object
+        if rng.random() < 0.5 or st != TRAIN:
             img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*st.blur)))
         sigma = rng.uniform(*st.noise)
         if sigma > 0:
             img = _add_noise(img, rng, sigma)
-        if rng.random() < 0.5 or st is not TRAIN:
+        if rng.random() < 0.5 or st != TRAIN:
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=rng.randint(*st.jpeg))
             img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
