@@ -305,7 +305,7 @@ def _save_picture(job: tuple[world.Scene, Path]) -> None:
 
 def _render(scenes: list[world.Scene], folder: Path, split: str) -> None:
     """Draw `scenes` into folder/00000.png, ... on every core (each picture draws from its own seed, so the files are
-    the same however many processes draw them; 10,000 pictures: 17 s on one core of two)."""
+    the same however many processes draw them; the data phase took 11.4 s on 2 cores against 19-23 s on one)."""
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(scene, folder / f"{i:05d}.png") for i, scene in enumerate(scenes)]
