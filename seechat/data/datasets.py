@@ -25,18 +25,17 @@ from .sources import BadSample, DataSource, IndexedSource, Record, stream_record
 class Encoder:
     """Turns a Record into model inputs with one render (ids and loss labels together)."""
 
-    def __init__(self, processor: SeeChatProcessor, max_length: int):
+    def __init__(self, processor: SeeChatProcessor, max_length: int, features=None):
         self.processor, self.max_length = processor, max_length
+        self.features = features
+        """A VisionFeatureStore (seechat.data.features): each image's features instead of its pixels."""
 
     def __call__(self, record: Record, root) -> dict:
-        try:
-            images = [
-                load_image(im, name=f"the image of {record.where}") if isinstance(im, bytes)
-                else load_image(os.path.join(root, str(im)), name=f"'{im}'")
-                for im in record.images
-            ]
-        except ImageError as exc:
-            raise BadSample(str(exc)) from exc
+        if self.features is not None:
+            feats = [self.features.features(im, root) for im in record.images]  # BadSample when unreadable
+            images = feats
+        else:
+            images = self._images(record, root)
         try:
             rendered = self.processor.render(record.messages, num_images=len(images), with_labels=True)
         except SeeChatError as exc:
@@ -46,8 +45,22 @@ class Encoder:
             raise BadSample(f"{n} tokens once images are expanded, over max_length {self.max_length}")
         if all(t == IGNORE_INDEX for t in rendered.labels):
             raise BadSample("no answer tokens to learn from")
+        if self.features is not None:
+            return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": None,
+                    "image_features": torch.stack(feats) if feats else None}
         pixels = self.processor.pixel_values(images) if images else None
         return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": pixels}
+
+    @staticmethod
+    def _images(record: Record, root) -> list:
+        try:
+            return [
+                load_image(im, name=f"the image of {record.where}") if isinstance(im, bytes)
+                else load_image(os.path.join(root, str(im)), name=f"'{im}'")
+                for im in record.images
+            ]
+        except ImageError as exc:
+            raise BadSample(str(exc)) from exc
 
 
 def _sample(encoder: Encoder, fetch, root, where: str) -> dict:
@@ -65,6 +78,7 @@ class IndexedDataset(Dataset):
                  max_length: int, seed: int = 0):
         self.parts = [IndexedSource(s, prompts, seed) for s in sources]
         self.encoder = Encoder(processor, max_length)
+        """Its `features` may be set to a VisionFeatureStore over these parts' images (`speed.vision_features`)."""
         self.num_image_tokens = processor.num_image_tokens
         self._starts = [0]
         for p in self.parts:
@@ -175,6 +189,9 @@ class Collator:
                 mask[row, :n] = 1
             batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         pixels = [s["pixel_values"] for s in good if s["pixel_values"] is not None]
+        features = [s["image_features"] for s in good if s.get("image_features") is not None]
+        if features:  # a store gives every image's features, so a batch has features or pixels, never both
+            batch["image_features"] = torch.cat(features)
         batch.update({
             "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0),
             "bad_samples": bad,

@@ -74,8 +74,12 @@ class SeeChat(nn.Module):
         vision_trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
             feats = self.vision(pixel_values.to(self.vision.dtype))
+        return self.project(feats)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, vision tokens, vision hidden) features of the vision expert -> (n, num_image_tokens, llm_hidden)."""
         bridge_dtype = next(self.bridge.parameters()).dtype
-        return self.bridge(feats.to(bridge_dtype)).to(self.dtype)
+        return self.bridge(features.to(bridge_dtype)).to(self.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with the image embeddings scattered into the image-token positions, in order.
@@ -101,9 +105,12 @@ class SeeChat(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ):
-        if image_embeds is None and pixel_values is not None and pixel_values.numel():
+        if image_embeds is None and image_features is not None and image_features.numel():
+            image_embeds = self.project(image_features)  # the vision expert's output, read from a feature store
+        elif image_embeds is None and pixel_values is not None and pixel_values.numel():
             image_embeds = self.encode_images(pixel_values)
         inputs_embeds = self.embed(input_ids, image_embeds)
         if labels is not None:  # training: no KV cache (with one, packed samples would not be kept apart)

@@ -97,6 +97,14 @@ class SpeedConfig:
     /proc/cpuinfo) and training sets neither bf16 nor fp16; 'on' / 'off' force it. Trainable weights stay fp32."""
     attn_implementation: str | None = None
     """The text expert's attention: sdpa, eager, flash_attention_2, flex_attention ... (None: the model's default)."""
+    vision_features: bool = False
+    """Encode every training image once with the frozen vision expert and train from those features
+    (seechat.data.features), instead of decoding and encoding each image every time a batch holds it. Pays when
+    images are seen more than once (epochs, both stages, sweeps); the same features up to rounding (computed in
+    larger batches). Needs parts.vision frozen and indexed data (JSONL / LLaVA JSON, not streamed shards)."""
+    vision_features_dir: str | None = None
+    """Where the features are kept (None: OUTPUT/vision_features). Give Stage I and Stage II the same folder to
+    encode the images once for both; a store of another vision expert there is computed anew."""
 
     def __post_init__(self) -> None:
         if self.cpu_bf16 not in ("auto", "on", "off"):

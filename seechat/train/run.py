@@ -172,6 +172,17 @@ def train(stage: str, cfg: TrainConfig, callbacks: list | None = None) -> TrainR
     else:
         train_set = IndexedDataset(data.train, model.processor, **kwargs)
     eval_set = IndexedDataset(data.eval, model.processor, **kwargs) if data.eval else None
+    if speed.vision_features:
+        if data.streamed:
+            raise ConfigError("speed.vision_features works on indexed data (JSONL / LLaVA JSON); streamed shards are "
+                              "read once an epoch, so encoding their images ahead saves nothing: set it false")
+        from ..data.features import prepare
+
+        store_dir = speed.vision_features_dir or str(out / "vision_features")
+        with args.main_process_first(local=False, desc="vision features"):  # one process writes, the rest read
+            autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            train_set.encoder.features = prepare(model, train_set.parts, store_dir, device=device, autocast=autocast)
+        log.info("vision features: %d image(s) in %s", len(train_set.encoder.features), store_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_yaml = cfg.to_yaml(stage)
     (out / "train_config.yaml").write_text(run_yaml, encoding="utf-8")

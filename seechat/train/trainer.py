@@ -56,7 +56,7 @@ class SeeChatTrainer(Trainer):
             return (loss, None) if return_outputs else loss
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if inputs["pixel_values"].numel() == 0 and model.training:
+        if inputs["pixel_values"].numel() == 0 and "image_features" not in inputs and model.training:
             # A text-only batch leaves the bridge out of the graph, which DDP would report as an error;
             # a zero-weighted term keeps every trainable parameter in it.
             bridge = [p for p in _unwrap(model).bridge.parameters() if p.requires_grad]
