@@ -47,7 +47,10 @@ def _run(cmd, cwd):
 
 def test_two_ranks_shard_data_sync_gradients_and_match_one_process(experts, train_data, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(_config(experts, train_data, two, batch=2), allow_unicode=True))
+    # the two ranks train from a vision feature store (rank 0 writes it while rank 1 waits, then reads it), the one
+    # process from pixels: the same features, so the same comparison holds
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**_config(experts, train_data, two, batch=2),
+                                                       "speed": {"vision_features": True}}, allow_unicode=True))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(_config(experts, train_data, one, batch=4), allow_unicode=True))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
           str(WORKER), str(tmp_path / "two.yaml")], tmp_path)
@@ -67,3 +70,5 @@ def test_two_ranks_shard_data_sync_gradients_and_match_one_process(experts, trai
     for k in w0:
         torch.testing.assert_close(w0[k], ws[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-4)
+    index = json.loads((two / "vision_features" / "index.json").read_text())
+    assert len(index["rows"]) == 24 and len(index["shards"]) == 1  # every picture, in one shard
