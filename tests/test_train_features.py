@@ -120,3 +120,29 @@ def test_the_store_refuses_a_vision_expert_that_trains_and_streamed_data(experts
     cfg = _config(experts, train_data, tmp_path / "s", files=("shard-{0..1}.tar",), speed={"vision_features": True})
     with pytest.raises(ConfigError, match="indexed data"):
         _run(tmp_path, cfg)
+
+
+def test_a_damaged_store_is_computed_anew_and_an_unwritable_one_is_named(experts, train_data, tmp_path):
+    from seechat import build
+    from seechat.errors import SeeChatError
+    from seechat.tiny import tiny_config
+
+    model = build(tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cpu", dtype="fp32")
+    model.vision.requires_grad_(False)
+    ds = IndexedDataset([DataSource(path=str(train_data / "captions.jsonl"))], model.processor, prompts=["x"],
+                        max_length=512)
+    store_dir = tmp_path / "store"
+    want = prepare(model, ds.parts, store_dir).features("img/2.png", str(train_data))
+    for damage in ("index", "shard", "missing"):
+        if damage == "index":
+            (store_dir / INDEX).write_text('{"fingerprint": "')  # cut off mid-write by hand
+        elif damage == "shard":
+            (store_dir / "shard-00000.safetensors").write_bytes(b"not a safetensors file")
+        else:
+            (store_dir / "shard-00000.safetensors").unlink()
+        store = prepare(model, ds.parts, store_dir)
+        assert len(store) == 24 and torch.equal(store.features("img/2.png", str(train_data)), want), damage
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder should be")
+    with pytest.raises(SeeChatError, match="cannot write the store"):
+        prepare(model, ds.parts, blocked / "store")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, SeeChatError
 from .images import load_image
 from .sources import BadSample, IndexedSource
 
@@ -100,7 +100,11 @@ class VisionFeatureStore:
             raise BadSample(f"{name} is not in the vision feature store {self.dir} (changed since it was "
                             "computed?): run again to encode it, or set speed.vision_features false")
         shard, row = where
-        return self._shard(shard).get_slice("features")[row]
+        try:
+            return self._shard(shard).get_slice("features")[row]
+        except Exception as exc:  # a shard removed or damaged during the run (safetensors' own error type too)
+            raise BadSample(f"the vision feature store {self.dir} cannot be read ({exc.__class__.__name__}: "
+                            f"{str(exc)[:120]}): delete it to have it computed anew") from exc
 
     def _shard(self, k: int):
         if k not in self._open:
@@ -144,33 +148,53 @@ def prepare(model, sources: list[IndexedSource], directory: str | os.PathLike, *
     mark = fingerprint(model, autocast)
     index = {"fingerprint": mark, "rows": {}, "bad": {}, "shards": []}
     if (directory / INDEX).is_file():
-        old = json.loads((directory / INDEX).read_text())
-        if old.get("fingerprint") == mark:
+        old, why = _readable(directory)
+        if old is not None and old.get("fingerprint") == mark:
             index = old
         else:
-            log.info("vision features: %s holds another vision expert's features: computing them anew", directory)
+            log.warning("vision features: %s %s: computing them anew", directory,
+                        why or "holds another vision expert's features")
             for f in directory.glob("shard-*.safetensors"):
                 f.unlink()
     wanted = _images(sources)
     todo = [(k, v) for k, v in wanted.items() if k not in index["rows"] and k not in index["bad"]]
     log.info("vision features: %d image(s), %d already in %s, %d to encode", len(wanted), len(wanted) - len(todo),
              directory, len(todo))
-    if todo:
-        directory.mkdir(parents=True, exist_ok=True)
-        vision = model.vision
-        moved_from = next(vision.parameters()).device
-        vision.to(device)
-        try:
-            _encode(model, todo, directory, index, batch, save_file, autocast)
-        finally:
-            vision.to(moved_from)
-        tmp = directory / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, directory / INDEX)  # the index last: a store interrupted before it is not used
-    elif not (directory / INDEX).is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / INDEX).write_text(json.dumps(index))
+    try:
+        if todo:
+            directory.mkdir(parents=True, exist_ok=True)
+            vision = model.vision
+            moved_from = next(vision.parameters()).device
+            vision.to(device)
+            try:
+                _encode(model, todo, directory, index, batch, save_file, autocast)
+            finally:
+                vision.to(moved_from)
+            tmp = directory / (INDEX + ".tmp")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, directory / INDEX)  # the index last: a store interrupted before it is not used
+        elif not (directory / INDEX).is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / INDEX).write_text(json.dumps(index))
+    except OSError as exc:
+        raise SeeChatError(f"vision features: cannot write the store in {directory} ({exc}): free space there, "
+                           "set speed.vision_features_dir to another folder, or speed.vision_features false") from exc
     return VisionFeatureStore(directory)
+
+
+def _readable(directory: Path) -> tuple[dict | None, str | None]:
+    """The store's index, or None and why it cannot be used (an unreadable index, a shard missing or damaged)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        index = json.loads((directory / INDEX).read_text())
+        for name in index["shards"]:
+            with safe_open(str(directory / name), framework="pt") as f:
+                if "features" not in f.keys():
+                    return None, f"has a shard without features ({name})"
+        return index, None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        return None, f"has an unreadable index or shard ({exc.__class__.__name__}: {str(exc)[:120]})"
 
 
 def _encode(model, todo: list, directory: Path, index: dict, batch: int, save_file, autocast) -> None:
