@@ -146,3 +146,18 @@ def test_a_damaged_store_is_computed_anew_and_an_unwritable_one_is_named(experts
     blocked.write_text("a file where the folder should be")
     with pytest.raises(SeeChatError, match="cannot write the store"):
         prepare(model, ds.parts, blocked / "store")
+
+
+def test_a_cnn_vision_expert_stores_its_features_too(experts, train_data, tmp_path):
+    from seechat.model.cnn import tiny_efficientnet_lite
+
+    cnn = tiny_efficientnet_lite(tmp_path / "cnn", image_size=64)  # BatchNorm: 0-dim counters among its buffers
+    cfg = _config(experts, train_data, tmp_path / "out", speed={"vision_features": True}, max_steps=2)
+    cfg["model"]["vision"] = {"name_or_path": cnn, "pool": "2x2"}
+    result = _run(tmp_path, cfg)
+    model = result.trainer.model
+    store = VisionFeatureStore(tmp_path / "out" / "vision_features")
+    model.vision._cache.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=result.trainer.args.bf16):
+        direct = model.vision(model.processor.pixel_values([load_image(train_data / "img" / "7.png")]))[0]
+    assert len(store) == 24 and torch.allclose(store.features("img/7.png", str(train_data)), direct, atol=1e-6)

@@ -11,6 +11,9 @@ index); the data loader reads an image's features instead of its pixels and the 
 pays where an image is seen more than once: several epochs, Stage I and Stage II over the same pictures, sweeps
 over the bridge (the toy world v2's build: 23,000 image views in both stages, 10,000 pictures).
 
+A CNN vision expert (seechat/model/cnn.py) also keeps features in memory, keyed by a hash of the pixels, for one
+process; the store goes further: no decoding or resizing, and it lasts across stages and runs.
+
 A store is keyed by a fingerprint of the vision expert (its weights, configuration, feature choice and image
 processor): another expert, or a changed one, computes a new store; the same one (a resumed run, the next
 stage) reuses it and encodes only images it lacks. An image is known by its path, size and modification time
@@ -60,12 +63,12 @@ def fingerprint(model, autocast: torch.dtype | None = None) -> str:
     vision = model.vision
     choice = {k: v for k, v in vision.config.__dict__.items() if k != "name_or_path"}  # the weights say which
     h.update(json.dumps(choice, sort_keys=True, default=str).encode())
-    h.update(vision.model.config.to_json_string().encode())
-    h.update(model.processor.image_processor.to_json_string().encode())
-    for name, t in [*vision.model.named_parameters(), *vision.model.named_buffers()]:
+    for part in (getattr(vision.model, "config", None), model.processor.image_processor):
+        h.update((part.to_json_string() if hasattr(part, "to_json_string") else repr(part)).encode())
+    for name, t in [*vision.model.named_parameters(), *vision.model.named_buffers()]:  # BatchNorm's counters too
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
