@@ -31,11 +31,13 @@ class Encoder:
         """A VisionFeatureStore (seechat.data.features): each image's features instead of its pixels."""
 
     def __call__(self, record: Record, root) -> dict:
-        if self.features is not None:
-            feats = [self.features.features(im, root) for im in record.images]  # BadSample when unreadable
-            images = feats
+        if self.features is not None:  # features of each image (BadSample where one was unreadable)
+            images = [self.features.features(im, root) for im in record.images]
         else:
-            images = self._images(record, root)
+            try:
+                images = [open_image(im, root, record.where) for im in record.images]
+            except ImageError as exc:
+                raise BadSample(str(exc)) from exc
         try:
             rendered = self.processor.render(record.messages, num_images=len(images), with_labels=True)
         except SeeChatError as exc:
@@ -47,20 +49,16 @@ class Encoder:
             raise BadSample("no answer tokens to learn from")
         if self.features is not None:
             return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": None,
-                    "image_features": torch.stack(feats) if feats else None}
+                    "image_features": torch.stack(images) if images else None}
         pixels = self.processor.pixel_values(images) if images else None
         return {"input_ids": rendered.input_ids, "labels": rendered.labels, "pixel_values": pixels}
 
-    @staticmethod
-    def _images(record: Record, root) -> list:
-        try:
-            return [
-                load_image(im, name=f"the image of {record.where}") if isinstance(im, bytes)
-                else load_image(os.path.join(root, str(im)), name=f"'{im}'")
-                for im in record.images
-            ]
-        except ImageError as exc:
-            raise BadSample(str(exc)) from exc
+
+def open_image(image, root, where: str | None = None):
+    """A record's image, a path under `root` or raw bytes, decoded (ImageError names it)."""
+    if isinstance(image, bytes):
+        return load_image(image, name=f"the image of {where}" if where else "an image given as bytes")
+    return load_image(os.path.join(root, str(image)), name=f"'{image}'")
 
 
 def _sample(encoder: Encoder, fetch, root, where: str) -> dict:

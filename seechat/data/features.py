@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ImageError, SeeChatError
-from .images import load_image
+from .datasets import open_image
 from .sources import BadSample, IndexedSource
 
 log = logging.getLogger("seechat")
@@ -132,7 +132,8 @@ def _images(sources: list[IndexedSource]) -> dict[str, tuple]:
             for image in record.images:
                 if isinstance(image, bytes) or (root, image) not in seen:
                     found.setdefault(image_key(image, root), (image, root))
-                    seen.add((root, image) if not isinstance(image, bytes) else None)
+                if not isinstance(image, bytes):
+                    seen.add((root, image))
     return found
 
 
@@ -211,8 +212,7 @@ def _encode(model, todo: list, directory: Path, index: dict, batch: int, save_fi
             images, names = [], []
             for key, (image, root) in chunk[b:b + batch]:
                 try:
-                    images.append(load_image(image, name="an image given as bytes") if isinstance(image, bytes)
-                                  else load_image(os.path.join(root, str(image)), name=f"'{image}'"))
+                    images.append(open_image(image, root))
                     names.append(key)
                 except ImageError as exc:
                     index["bad"][key] = str(exc)

@@ -143,10 +143,10 @@ class Plan:
     experts and recipe, captions-only Stage I) ended Stage I lower (loss 0.444 against 0.506) and boxed better
     (refer 78.1% against 71.9%) but answered worse elsewhere: description 79.4%, which picture 72.5%, comparison
     82.5% (279 s). 512 with answers version 4 and Stage I on all the data (Stage II 1,200 steps) answered worse
-    everywhere: description 85.0% against 96.2%, refer 70.0% against 73.1%, which picture 92.5% against 95.0%. A LayerNorm
-    before it (`bridge.norm`) or a third layer (`bridge.depth` 3), with the shipped experts and plan (2026-11-27):
-    refer 76.2% / 75.6% against 81.2%, detect-all F1 73.8% / 71.7% against 80.1%, test 90.7% / 90.7% against
-    92.0% (231 / 257 s); not kept. Refer's misses are on pictures of several shapes (wrong: 1 of 80 one-shape
+    everywhere: description 85.0% against 96.2%, refer 70.0% against 73.1%, which picture 92.5% against 95.0%.
+    A LayerNorm before it (`bridge.norm`) or a third layer (`bridge.depth` 3), with the shipped experts and plan
+    (2026-11-27): refer 76.2% / 75.6% against 81.2%, detect-all F1 73.8% / 71.7% against 80.1%, test 90.7% / 90.7%
+    against 92.0% (231 / 257 s); not kept. Refer's misses are on pictures of several shapes (wrong: 1 of 80 one-shape
     pictures, 7 of 26 two-, 9 of 31 three-, 13 of 23 four-shape ones), nearly all with every shape named right
     and the box too large (its far corner off by 6-25% of the picture)."""
     align_lr: float = 3e-3
