@@ -101,7 +101,8 @@ class SpeedConfig:
     """Encode every training image once with the frozen vision expert and train from those features
     (seechat.data.features), instead of decoding and encoding each image every time a batch holds it. Pays when
     images are seen more than once (epochs, both stages, sweeps); the same features up to rounding (computed in
-    larger batches). Needs parts.vision frozen and indexed data (JSONL / LLaVA JSON, not streamed shards)."""
+    larger batches). Needs parts.vision frozen and indexed data (JSONL / LLaVA JSON, not streamed shards). Costs
+    disk: tokens x width x bytes per picture (CLIP-L/336 in bf16: 1.2 MB)."""
     vision_features_dir: str | None = None
     """Where the features are kept (None: OUTPUT/vision_features). Give Stage I and Stage II the same folder to
     encode the images once for both; a store of another vision expert there is computed anew."""
