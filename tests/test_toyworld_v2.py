@@ -229,8 +229,15 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     assert "grounding Acc@0.5" in printed and "several pictures" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("per_type", "build_seconds", "grounding_acc50", "counting_accuracy", "detect_f1", "shift_per_type",
-                "heldout_phrasing_accuracy", "multi_image_accuracy", "vision_probe_val", "vision_probe_shift"):
+                "heldout_phrasing_accuracy", "multi_image_accuracy", "vision_probe_val", "vision_probe_shift",
+                "val_accuracy", "val_per_type"):
         assert metrics[key] is not None, key
+    # val is asked the test's kinds of questions about its own pictures (for choosing a plan), its conversations
+    # (Stage II's evaluation loss) drawn as before
+    val = [json.loads(line) for line in (out / "data/val/qa.jsonl").read_text().splitlines()]
+    asked = {r["type"] for r in val}
+    assert asked == set(metrics["per_type"]) == set(metrics["val_per_type"])
+    assert {r["image"] for r in val} <= {f"images/{i:05d}.png" for i in range(v2build.QUICK.n_val)}
     assert set(metrics["multi_image_accuracy"]) == set(world.MULTI_KINDS)
     assert all(0 <= v <= 1 for v in metrics["shift_per_type"].values())
     for acc, ci in ((metrics["per_type"], metrics["per_type_interval95"]),
