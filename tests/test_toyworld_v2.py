@@ -120,6 +120,7 @@ def test_every_answer_has_an_english_gloss():
     assert not left, left
     assert world.gloss("问的是蓝色的星形。图中是红色的圆形（不是）和蓝色的星形（是），所以有。") == (
         "asked: blue star . red circle (no) and blue star (yes) , so yes.")
+    assert world.gloss("图中是形形，蓝色的星") == "?, blue ?"  # an untrained model's fragments: no CJK left
 
 
 def test_pictures_drawn_on_every_core_are_the_ones_each_scene_draws(tmp_path):

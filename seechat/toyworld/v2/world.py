@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -593,4 +594,6 @@ def gloss(text: str) -> str:
                    ("：", ":"), ("、", ","), ("和", "and"), ("，", ", "), ("所以", " so "), ("有", "yes"), ("是", " is "),
                    ("  ", " ")):
         text = text.replace(zh, en)
+    # what is still Chinese (an untrained model's fragments: 形, 图…) as "?", which any font draws
+    text = re.sub("[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]+", "?", text)
     return " ".join(text.split())
