@@ -201,31 +201,40 @@ def _readable(directory: Path) -> tuple[dict | None, str | None]:
         return None, f"has an unreadable index or shard ({exc.__class__.__name__}: {str(exc)[:120]})"
 
 
+def _decode(processor, part: list, index: dict) -> tuple[list[str], torch.Tensor | None]:
+    """One batch's keys and pixel values (unreadable images recorded in index["bad"])."""
+    images, names = [], []
+    for key, (image, root) in part:
+        try:
+            images.append(open_image(image, root))
+            names.append(key)
+        except ImageError as exc:
+            index["bad"][key] = str(exc)
+    return names, processor.pixel_values(images) if images else None
+
+
 def _encode(model, todo: list, directory: Path, index: dict, batch: int, save_file, autocast) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     vision, processor = model.vision, model.processor
     device = next(vision.parameters()).device
     bar = tqdm(total=len(todo), desc="vision features", unit="image", leave=False)
-    for start in range(0, len(todo), SHARD_IMAGES):
-        chunk = todo[start:start + SHARD_IMAGES]
+    parts = [todo[b:b + batch] for b in range(0, len(todo), batch)]
+    with ThreadPoolExecutor(1) as pool:  # the next batch is decoded while this one is encoded
+        ahead = pool.submit(_decode, processor, parts[0], index) if parts else None
         rows, keys = [], []
-        for b in range(0, len(chunk), batch):
-            images, names = [], []
-            for key, (image, root) in chunk[b:b + batch]:
-                try:
-                    images.append(open_image(image, root))
-                    names.append(key)
-                except ImageError as exc:
-                    index["bad"][key] = str(exc)
-            if images:
-                pixels = processor.pixel_values(images).to(device=device, dtype=vision.dtype)
+        for k, part in enumerate(parts):
+            names, pixels = ahead.result()
+            ahead = pool.submit(_decode, processor, parts[k + 1], index) if k + 1 < len(parts) else None
+            if pixels is not None:
                 with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    rows.append(vision(pixels).cpu())
+                    rows.append(vision(pixels.to(device=device, dtype=vision.dtype)).cpu())
                 keys += names
-            bar.update(len(chunk[b:b + batch]))
-        if not keys:
-            continue
-        name = f"shard-{len(index['shards']):05d}.safetensors"
-        save_file({"features": torch.cat(rows).contiguous()}, str(directory / name))
-        index["rows"].update({k: [len(index["shards"]), i] for i, k in enumerate(keys)})
-        index["shards"].append(name)
+            bar.update(len(part))
+            if keys and (len(keys) >= SHARD_IMAGES or ahead is None):
+                name = f"shard-{len(index['shards']):05d}.safetensors"
+                save_file({"features": torch.cat(rows).contiguous()}, str(directory / name))
+                index["rows"].update({key: [len(index["shards"]), i] for i, key in enumerate(keys)})
+                index["shards"].append(name)
+                rows, keys = [], []
     bar.close()
