@@ -101,3 +101,43 @@ def test_toy_text_expert_pretrains_and_answers_on_cuda(tmp_path):
     (tmp_path / "data/test/qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     result = check(tmp_path, {"test": scenes}, n=6, device="cuda")
     assert result and all(k.startswith("test:") and 0 <= v <= 1 for k, v in result.items())
+
+
+def test_vision_feature_store_on_cuda_in_bf16(experts, train_data, tmp_path):
+    """The store encodes on the GPU under the run's bf16 autocast and trains to the losses of pixels."""
+    import yaml
+
+    from seechat.data.datasets import IndexedDataset
+    from seechat.data.features import VisionFeatureStore
+    from seechat.data.images import load_image
+    from seechat.data.sources import DataSource
+    from seechat.train.config import load_config
+    from seechat.train.run import train
+
+    def run(name, speed):
+        cfg = {"output_dir": str(tmp_path / name),
+               "model": {"vision": {"name_or_path": str(experts["vision"]["clip"])}, "bridge": {"type": "mlp"},
+                         "llm": {"name_or_path": str(experts["llm"]["qwen2"])}},
+               "data": {"train": [{"path": str(train_data / "captions.jsonl")}], "max_bad_ratio": 0.5,
+                        "bad_ratio_after": 4},
+               "speed": speed,
+               "training": {"max_steps": 4, "per_device_train_batch_size": 4, "bf16": True, "report_to": "none",
+                            "logging_steps": 1, "optim": "sgd", "learning_rate": 0.5, "save_steps": 100}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        result = train("align", load_config(str(tmp_path / f"{name}.yaml"), []))
+        return result, [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+
+    _, pixels = run("pixels", {})
+    stored, losses = run("features", {"vision_features": True})
+    assert next(stored.trainer.model.parameters()).device.type == "cuda"
+    store = VisionFeatureStore(tmp_path / "features" / "vision_features")
+    assert len(store) == 24  # every picture captions.jsonl names, once
+    assert len(losses) == len(pixels) == 4
+    model = stored.trainer.model
+    ds = IndexedDataset([DataSource(path=str(train_data / "captions.jsonl"))], model.processor, prompts=["x"],
+                        max_length=512)
+    image = ds.parts[0].record(5).images[0]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        direct = model.vision(model.processor.pixel_values([load_image(train_data / image)]).to("cuda"))[0]
+    assert torch.allclose(store.features(image, str(train_data)).to(direct), direct, atol=1e-2, rtol=1e-2)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(pixels), rtol=2e-2, atol=2e-2)

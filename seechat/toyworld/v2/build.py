@@ -69,6 +69,9 @@ class Plan:
     clip_lr: float = 4e-3
     kind_weight: float = 2.0
     """Weight of the dense head's shape-kind loss (the hardest thing for the vision expert to see)."""
+    clip_augment: float = 0.0
+    """Share of the vision expert's pretraining pictures given whole-picture brightness / contrast / saturation
+    jitter (`experts.photometric`)."""
     lm_steps: int = 9000
     lm_batch: int = 16
     llm_reads: str = "slots"
@@ -375,7 +378,7 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     probed = {split: (pixels(split, n), _scenes(plan, seed, split))
               for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}  # _scenes gives n_val / n_shift
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
-    losses, probe = train_clip(out / "clip", FreshScenes(seed, processor, plan.multi_share), clip_tok,
+    losses, probe = train_clip(out / "clip", FreshScenes(seed, processor, plan.multi_share, plan.clip_augment), clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
                                batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight, seed=seed,
                                image_processor=processor, progress=bar,

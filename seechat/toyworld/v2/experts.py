@@ -135,14 +135,32 @@ class FreshScenes:
     heart. Drawing and rendering a picture takes about 1.2 ms, a few times less than a training step spends
     on it."""
 
-    def __init__(self, seed: int, processor, multi: float = 0.5):
+    def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0):
         self.rng = random.Random(f"clip:{seed}")
+        self.jitter = random.Random(f"clip-augment:{seed}")  # its own stream: the scenes stay those without it
         self.combos = world.training_combos(seed)
-        self.processor, self.multi = processor, multi
+        self.processor, self.multi, self.augment = processor, multi, augment
 
     def __call__(self, n: int) -> tuple[torch.Tensor, list[world.Scene]]:
         scenes = [world.any_scene(self.rng, self.combos, self.multi) for _ in range(n)]
-        return self.processor(images=[s.render() for s in scenes], return_tensors="pt")["pixel_values"], scenes
+        images = [s.render() for s in scenes]
+        if self.augment:
+            images = [photometric(im, self.jitter) if self.jitter.random() < self.augment else im for im in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"], scenes
+
+
+def photometric(image, rng: random.Random):
+    """Whole-picture brightness, contrast and saturation jitter, the photometric part of the augmentation
+    contrastive vision pretraining uses (SimCLR's colour jitter, without its hue shift: colour is a label here).
+
+    It changes every pixel alike, shapes and background, unlike the renderer's own settings (the `shift`
+    split's darker backgrounds, noise, blur and JPEG quality stay outside anything a training picture has)."""
+    from PIL import ImageEnhance
+
+    for enhance, (lo, hi) in ((ImageEnhance.Brightness, (0.7, 1.05)), (ImageEnhance.Contrast, (0.6, 1.1)),
+                              (ImageEnhance.Color, (0.7, 1.3))):
+        image = enhance(image).enhance(rng.uniform(lo, hi))
+    return image
 
 
 def train_clip(out: Path, batches, tokenizer, *,
