@@ -39,8 +39,10 @@ def test_scenes_of_several_shapes_and_their_questions():
         assert [n for n, m, _ in walks["refer"] if m == "是"] == [qs["refer"]["label"]]
         assert det["boxes"] or det["answer"].endswith(f"，没有{det['label']}。")
         region = parse_boxes(qs["region"]["question"])[0].to_pixels(64, 64)
-        named = next(s for s in scene.shapes if qs["region"]["answer"] == f"一个{s.name}。")
+        named = next(s for s in scene.shapes if qs["region"]["answer"].endswith(f"所以是一个{s.name}。"))
         assert region == pytest.approx(named.box, abs=0.04)
+        walked = re.findall("(.色的(?:圆形|正方形|三角形|星形))(<box>.+?</box>)（(是|不是)）", qs["region"]["answer"])
+        assert walked == [(s.name, box_text(s.box, 64, 64), "是" if s is named else "不是") for s in in_order]
         asked = re.search("(.色的(?:圆形|正方形|三角形|星形))", qs["exist"]["question"]).group(1)  # repeated, then the verdict
         assert qs["exist"]["answer"].startswith(f"问的是{asked}。图中是")
         assert qs["exist"]["answer"].endswith("所以有。" if asked in {s.name for s in scene.shapes} else "所以没有。")

@@ -190,7 +190,7 @@ def check(out: Path, scenes_of: dict[str, list[world.Scene]], n: int = 400, seed
             with torch.no_grad():
                 filled = slots({k: v[[int(Path(i).stem) for i in images]] for k, v in targets.items()})
                 new = model.generate(inputs_embeds=_embed(model, processor, ids, filled),
-                                     attention_mask=torch.ones_like(ids), max_new_tokens=96, do_sample=False)
+                                     attention_mask=torch.ones_like(ids), max_new_tokens=128, do_sample=False)
             answer = tok.decode(new[0], skip_special_tokens=True).strip()
             right.setdefault(f"{split}:{row['type']}", []).append(judge(row, answer)[0])
     return {k: round(sum(v) / len(v), 4) for k, v in right.items()}

@@ -36,10 +36,11 @@ from ..world import Scene as _SceneV1, Shape as _ShapeV1
 
 CELL = 16  # the vision expert's patch: no two shapes of a scene have their centres in the same one
 NUMBERS = {0: "零", 1: "一", 2: "两", 3: "三", 4: "四"}
-ANSWERS = 4
+ANSWERS = 5
 """The version of the answers' wording: 2 checks each shape or picture inline (`_marked`); 3 also boxes the
 shapes asked for as refer and detect-all answers check every shape in turn (`refer`); 4 names each shape before
-its check there too (红色的圆形（是）<box>…</box>, not <ref>红色的圆形</ref><box>…</box>). Pretrained toy experts
+its check there too (红色的圆形（是）<box>…</box>, not <ref>红色的圆形</ref><box>…</box>); 5 answers a region
+question by walking the shapes with their boxes (`region`). Pretrained toy experts
 record the version they were made with; a build remakes them when it differs."""
 ORDINALS = {0: "第一张", 1: "第二张", 2: "第三张"}
 ENGLISH = {**_ENGLISH_V1, "没有": "none", "问的是": "asked:", "（不是）": "(no)", "（是）": "(yes)", "（相同）": "(same)",
@@ -438,9 +439,18 @@ def detect(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
 
 
 def region(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
+    """What is in a box, found as the answer walks the shapes in reading order, each with its box and its
+    check against the box asked about, then the decision:
+    图中是红色的圆形<box>…</box>（不是）和蓝色的星形<box>…</box>（是），所以是一个蓝色的星形。
+    The bare answer (一个蓝色的星形。, answers version 4) looked a box up among the shapes at once: the text expert
+    reading true slots got 64-71% of them right (five makings, val), 78.1% stitched. (The box asked about is not
+    restated first, as existence answers restate the shape: a 4-shape answer is already about 108 tokens.)"""
     s = rng.choice(scene.shapes)
-    return {"type": "region", "question": _ask(rng, "region", held_out, box_text(s.box, IMAGE_SIZE, IMAGE_SIZE)),
-            "answer": f"一个{s.name}。"}
+    asked = box_text(s.box, IMAGE_SIZE, IMAGE_SIZE)
+    listed = _listing([f"{t.name}{box_text(t.box, IMAGE_SIZE, IMAGE_SIZE)}（{'是' if t is s else '不是'}）"
+                       for t in sorted(scene.shapes, key=_reading_order)])
+    return {"type": "region", "question": _ask(rng, "region", held_out, asked),
+            "answer": f"图中是{listed}，所以是一个{s.name}。", "label": s.name}
 
 
 def followup(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
@@ -569,13 +579,16 @@ def multi_conversation(scenes: list[Scene], rng: random.Random) -> list[dict]:
 
 def in_words(rng: random.Random, combos: list[tuple[str, str]]) -> list[dict]:
     """A text-only conversation (no picture): what one picture or 2-3 pictures hold, said in the question, then an
-    existence, counting or comparison question answered in the words of the answers about pictures. The text
+    existence, counting, region (the shapes told with their boxes) or comparison question answered in the words of the answers about pictures. The text
     expert is pretrained on these beside conversations about pictures, as a chat LLM reads text before pictures:
     the checks that decide those answers are the same whether what is there was seen or told."""
     if rng.random() < 0.6:
         scene = one_shape(rng, combos) if rng.random() < 0.3 else make_multi_scene(rng, combos, rng.randint(2, 4))
-        told = f"图中是{_listing([s.name for s in sorted(scene.shapes, key=_reading_order)])}。"
-        rec = (exist if rng.random() < 0.5 else counting)(scene, rng)
+        ask = rng.choice([exist, exist, counting, counting, region])
+        boxed = ask is region  # which shape a box holds: the shapes told with their boxes
+        told = "图中是" + _listing([s.name + (box_text(s.box, IMAGE_SIZE, IMAGE_SIZE) if boxed else "")
+                                  for s in sorted(scene.shapes, key=_reading_order)]) + "。"
+        rec = ask(scene, rng)
     else:
         scenes = [one_shape(rng, combos) for _ in range(rng.choice([2, 2, 3]))]
         told = "，".join(f"{ORDINALS[k]}是{s.main.name}" for k, s in enumerate(scenes)) + "。"
