@@ -33,7 +33,7 @@ demo: setup
 
 # Toy world v2 (several shapes, counting, boxes, several pictures): builds it, asks for a description and a box,
 # and saves the picture with the answer's box drawn. The first run on a machine also makes the pretrained toy
-# experts (about 55 minutes on 2 cores, once); later builds take about 4 minutes.
+# experts (about 70 minutes on 2 cores, once); later builds take about 4 minutes.
 DEMO_V2_IMAGE := runs/toyworld_v2/data/test/images/00003.png
 demo-v2: setup
 	$(VENV)/bin/seechat toyworld build --world v2 --out runs/toyworld_v2

@@ -202,6 +202,11 @@ def test_the_vision_expert_sees_every_picture_once():
     assert 20 <= counts.count(1) <= 60 and max(counts) >= 3
     again = processor(images=[s1[7].render()], return_tensors="pt")["pixel_values"][0]
     assert (again - p1[7]).abs().max() < 1e-5  # pixels and scenes belong together
+    # with photometric jitter: the same scenes (its own random stream), about half of the pictures changed
+    (q1, t1) = FreshScenes(0, processor, augment=0.5)(40)
+    assert [s.caption() for s in t1] == [s.caption() for s in s1]
+    changed = [(a - b).abs().max().item() > 1e-3 for a, b in zip(p1, q1)]
+    assert 8 <= sum(changed) <= 32
 
 
 def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ class BuildArgs:
     world: str = field(default="v1", metadata={
         "help": "v1: one shape per picture (the default); v2: 1-4 shapes, counting, boxes, 2-3 pictures per "
                 "conversation, a shifted renderer; stitches pretrained toy experts made once per machine "
-                "(about 55 min the first time; below its targets: see the README)."})
+                "(about 70 min the first time; below its targets: see the README)."})
     out: str = field(default="", metadata={"help": "Where everything goes (default runs/toyworld, or "
                                                    "runs/toyworld_v2 for --world v2)."})
     seed: int = field(default=0, metadata={"help": "Same seed, same world, same model, same metrics."})
