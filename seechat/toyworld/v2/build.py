@@ -390,7 +390,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     probed = {split: (pixels(split, n), _scenes(plan, seed, split))
               for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}  # _scenes gives n_val / n_shift
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
-    losses, probe = train_clip(out / "clip", FreshScenes(seed, processor, plan.multi_share, plan.clip_augment), clip_tok,
+    scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment)
+    losses, probe = train_clip(out / "clip", scenes, clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
                                batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight, seed=seed,
                                image_processor=processor, progress=bar,

@@ -2,8 +2,8 @@
 
 A text answer is right when it equals the expected one, except that an answer which works its way to a
 decision (existence, counting, yes/no, region, several-picture comparison: what is there, each checked, then
-所以有。 / 共两个。 / 所以是一个红色的圆形。 / 所以是第二张。) is right when its decision, the clause after its last comma, is: the question asked for
-the decision, as a counting benchmark reads the number. `per_type_exact` keeps the whole-answer rates. A
+所以有。 / 共两个。 / 所以是一个红色的圆形。 / 所以是第二张。) is right when its decision, the clause after its last
+comma, is: the question asked for the decision, as a counting benchmark reads the number. `per_type_exact` keeps the whole-answer rates. A
 refer-to-box answer is right when its first box has IoU >= 0.5 with the shape's box; a detect-all answer when
 it gives exactly as many boxes as there are shapes of that kind and each matches a distinct one at IoU >= 0.5
 (or says there is none, when there is none).

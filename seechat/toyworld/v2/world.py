@@ -582,9 +582,10 @@ def multi_conversation(scenes: list[Scene], rng: random.Random) -> list[dict]:
 
 def in_words(rng: random.Random, combos: list[tuple[str, str]]) -> list[dict]:
     """A text-only conversation (no picture): what one picture or 2-3 pictures hold, said in the question, then an
-    existence, counting, region (the shapes told with their boxes) or comparison question answered in the words of the answers about pictures. The text
-    expert is pretrained on these beside conversations about pictures, as a chat LLM reads text before pictures:
-    the checks that decide those answers are the same whether what is there was seen or told."""
+    existence, counting, region (the shapes told with their boxes) or comparison question answered in the words of
+    the answers about pictures. The text expert is pretrained on these beside conversations about pictures, as a
+    chat LLM reads text before pictures: the checks that decide those answers are the same whether what is there
+    was seen or told."""
     if rng.random() < 0.6:
         scene = one_shape(rng, combos) if rng.random() < 0.3 else make_multi_scene(rng, combos, rng.randint(2, 4))
         ask = rng.choice([exist, exist, counting, counting, region])
