@@ -114,7 +114,8 @@ class Plan:
     Stage I 1,000 and Stage II 1,200 272.5 s, 90.2%, 96.2%, 73.1%, 95.0%. Answers version 5 (region answers that
     box every shape: Stage I/II records about 10% longer on average) with Stage I 800 and Stage II 1,400: 328.8 s
     (over the budget), val 96.6%, test 96.4%, refer 96.9%; Stage I 500 and Stage II 1,200 (kept): 264.6 s, val
-    96.7%, test 96.0%, refer 95.6%."""
+    96.7%, test 96.0%, refer 95.6%; Stage I 300 and Stage II 1,400: 273.6 s, val 96.0%, test 96.0%, refer 96.2%,
+    shift 82.8% against 85.0%."""
     instruct_steps: int = 1200
     """Stage II's loss flattens early, but fewer samples answered worse: (batches of 16) Stage I 900 + Stage II 600
     (bf16; 342 s against 378 s) described several-shape pictures 86.9% against 92.5% right, refer 66.9% against
