@@ -116,7 +116,7 @@ def load_model(args: LoadArgs):
     if not args.model:
         if not os.path.isfile(os.path.join(TOY_MODEL, "seechat.json")):
             raise SeeChatError(f"no --model given and the toy model ({TOY_MODEL}) is not built yet: build it with "
-                               "`seechat toyworld build` (or `make demo`), or give --model DIR")
+                               "`seechat toyworld build` (or `make demo-v1`), or give --model DIR")
         args.model = TOY_MODEL
     quiet_hf()
     if args.threads:

@@ -9,6 +9,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from seechat.boxes import box_text, parse_boxes
 from seechat.toyworld.v2 import world
@@ -275,6 +276,51 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     capsys.readouterr()
     v2build._experts(tmp_path / "v2e", dataclasses.replace(micro, experts=str(cache)), 0, {})
     assert "older recipe" in capsys.readouterr().err and (tmp_path / "v2e/llm").is_dir()  # the CLI's log handler
+    # shipped (`make_experts --pack`): CLIP's text tower left out, every weight in fp16; a build's copy is fp32
+    from safetensors.torch import load_file
+
+    v2build.pack(cache, tmp_path / "shipped")
+    vision = json.loads((tmp_path / "shipped/clip/config.json").read_text())
+    assert vision["model_type"] == "clip_vision_model" and vision["dtype"] == "float16"
+    packed = load_file(tmp_path / "shipped/clip/model.safetensors")
+    assert {t.dtype for t in packed.values()} == {torch.float16} and not any("text" in k for k in packed)
+    v2build.copy_experts(tmp_path / "shipped", tmp_path / "v2f")
+    widened = load_file(tmp_path / "v2f/clip/model.safetensors")
+    assert widened.keys() == packed.keys() and all(
+        widened[k].dtype == torch.float32 and torch.equal(widened[k], packed[k].float()) for k in packed)
+    assert json.loads((tmp_path / "v2f/llm/config.json").read_text())["dtype"] == "float32"
+
+
+def test_the_shipped_toy_experts_fit_this_seechat(tmp_path, monkeypatch):
+    """`make demo` builds the toy world v2 with the experts seechat ships: they must have been made with this
+    seechat's recipe, answers and the experts' plan fields (else: `make_experts`, then `--pack`), stay small, and
+    load as fp32 experts with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from seechat.config import VisionConfig
+    from seechat.model.vision import load_vision
+    from seechat.toyworld.v2 import build as v2build
+
+    made = json.loads((v2build.SHIPPED / "made.json").read_text())
+    assert (made["recipe"], made["answers"]) == (v2build.EXPERTS_RECIPE, world.ANSWERS), "make them anew, --pack"
+    assert {k: made["plan"][k] for k in v2build.EXPERT_FIELDS} == {
+        k: getattr(v2build.FULL, k) for k in v2build.EXPERT_FIELDS}
+    assert all(f.stat().st_size < 2 * 2**20 for f in v2build.SHIPPED.rglob("*.safetensors"))
+    monkeypatch.delenv("SEECHAT_TOY_EXPERTS", raising=False)
+    assert v2build.pretrained_dir() == v2build.SHIPPED
+    v2build._experts(tmp_path, v2build.FULL, 0, {})
+    vision = load_vision(VisionConfig(name_or_path=str(tmp_path / "clip"), feature_layer=-1, pool="2x2"), str(tmp_path / "clip"))
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    assert vision.dtype == torch.float32 and llm.dtype == torch.float32
+    with torch.no_grad():
+        feats = vision(torch.zeros(2, 3, 64, 64))
+    assert feats.shape == (2, 16, 128) and torch.isfinite(feats).all()
+    # a user's own experts come first; when the shipped ones no longer fit, the cache is where they are made
+    monkeypatch.setenv("SEECHAT_TOY_EXPERTS", str(tmp_path / "mine"))
+    assert v2build.pretrained_dir() == tmp_path / "mine"
+    monkeypatch.delenv("SEECHAT_TOY_EXPERTS")
+    monkeypatch.setattr(v2build, "EXPERTS_RECIPE", v2build.EXPERTS_RECIPE + 1)
+    assert v2build.pretrained_dir() == v2build.cache_dir() != v2build.SHIPPED
 
 
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):

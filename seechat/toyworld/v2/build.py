@@ -402,11 +402,30 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     (out / "losses" / "vision_probe.json").write_text(json.dumps(probe))
 
 
-def pretrained_dir() -> Path:
-    """Where the toy world v2's pretrained experts are made once and reused: $SEECHAT_TOY_EXPERTS, else
-    ~/.cache/seechat/toyworld_v2_experts (weights are built, not committed, like a hub's download cache)."""
+SHIPPED = Path(__file__).with_name("pretrained")
+"""The pretrained toy experts seechat ships (`pack`: the vision tower alone, in fp16, 1.7 MB, the text expert in
+fp16, 1.5 MB; `copy_experts` widens them to fp32), so that `make demo` builds the toy world v2 in minutes from a
+fresh clone; `python -m seechat.toyworld.v2.make_experts` makes them anew (`MAKING`) and `--pack` ships them."""
+
+
+def cache_dir() -> Path:
+    """Where experts are made when none fit: $SEECHAT_TOY_EXPERTS, else ~/.cache/seechat/toyworld_v2_experts."""
     env = os.environ.get("SEECHAT_TOY_EXPERTS")
     return Path(env) if env else Path.home() / ".cache" / "seechat" / "toyworld_v2_experts"
+
+
+def pretrained_dir() -> Path:
+    """The experts a build with `experts="pretrained"` stitches: $SEECHAT_TOY_EXPERTS when set, else the shipped
+    ones while this seechat's recipe and answers are theirs, else the cache (made there once)."""
+    if not os.environ.get("SEECHAT_TOY_EXPERTS") and _current(SHIPPED):
+        return SHIPPED
+    return cache_dir()
+
+
+def _current(src: Path) -> bool:
+    made = src / "made.json"
+    info = json.loads(made.read_text()) if made.is_file() else {}
+    return info.get("recipe") == EXPERTS_RECIPE and info.get("answers") == world.ANSWERS
 
 
 EXPERT_FIELDS = ("patch_size", "keep_cls", "llm_layers", "image_start", "feature_layer")
@@ -424,10 +443,48 @@ EXPERTS_PLAN: Plan | None = None
 
 
 def copy_experts(src: Path, dst: Path) -> None:
-    """The vision expert, the text expert and its tokenizer, from one build or experts folder to another."""
+    """The vision expert, the text expert and its tokenizer, from one build or experts folder to another, in fp32
+    (the shipped experts are kept in fp16)."""
     for d in ("clip", "llm", "tokenizer"):
         shutil.rmtree(dst / d, ignore_errors=True)
         shutil.copytree(src / d, dst / d)
+        _retype(dst / d, "float32")
+
+
+def _retype(folder: Path, dtype: str) -> None:
+    """Every floating-point weight in `folder`'s safetensors files, and its config's `dtype`, in `dtype`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    to = getattr(torch, dtype)
+    for f in folder.glob("*.safetensors"):
+        weights = load_file(f)
+        if any(t.is_floating_point() and t.dtype != to for t in weights.values()):
+            save_file({k: t.to(to) if t.is_floating_point() else t for k, t in weights.items()}, f,
+                      metadata={"format": "pt"})
+    config = folder / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        if "dtype" in c and c["dtype"] != dtype:
+            config.write_text(json.dumps({**c, "dtype": dtype}, indent=2, sort_keys=True) + "\n")
+
+
+def pack(src: Path, dst: Path = SHIPPED) -> None:
+    """Ship the experts made in `src`: the vision tower without CLIP's text tower (the build never reads it),
+    every weight in fp16, and `made.json`."""
+    from transformers import CLIPVisionModel
+
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for d in ("llm", "tokenizer"):
+        shutil.copytree(src / d, dst / d)
+    CLIPVisionModel.from_pretrained(src / "clip").save_pretrained(dst / "clip")
+    shutil.copy(src / "clip" / "preprocessor_config.json", dst / "clip")
+    for d in ("clip", "llm"):
+        _retype(dst / d, "float16")
+    info = json.loads((src / "made.json").read_text())
+    info["shipped"] = "by `make_experts --pack`: the vision tower alone, every weight in fp16"
+    (dst / "made.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))
 
 
 def _experts(out: Path, plan: Plan, seed: int, timings) -> None:

@@ -4,10 +4,12 @@ build would stitch experts fetched from a hub.
 
     python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
                                                [--device cuda]
+    python -m seechat.toyworld.v2.make_experts --pack DIR    # ship the experts made in DIR with seechat
 
-They are made by the build's own data, vision and llm phases (Plan(experts="train")), once per machine, for
-longer than a build can afford (about 70 minutes on 2 cores; the first v2 build does it when they are missing);
-DEST/made.json records the plan, the seed, the seconds each phase took, the threads it had and the device.
+seechat ships a pair in fp16 (`build.SHIPPED`, written by `--pack`); a build makes its own only when those no
+longer fit this seechat (another recipe or answers version). They are made by the build's own data, vision and llm
+phases (Plan(experts="train")), for longer than a build can afford (about 70 minutes on 2 cores); DEST/made.json
+records the plan, the seed, the seconds each phase took, the threads it had and the device.
 `--device cuda` pretrains the text expert on a GPU (the vision expert stays on the CPU, where its pictures are
 drawn): 9,000 steps took 410 s on an H200 shared by six such runs, against 1,864 s on 2 CPU cores. Numbers
 differ from a CPU-made expert's (other kernels), as they do between machines.
@@ -56,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--dest", type=Path, default=None,
                         help="where the experts go (default: $SEECHAT_TOY_EXPERTS or ~/.cache/seechat/toyworld_v2_experts)")
+    parser.add_argument("--pack", type=Path, default=None, metavar="DIR",
+                        help=f"make nothing: ship the experts made in DIR (into {b.SHIPPED}, in fp16)")
     parser.add_argument("--work", type=Path, default=Path("runs/toyworld_v2_experts"), help="data and scratch")
     parser.add_argument("--lm-steps", type=int, default=b.FULL.lm_steps, help="text expert pretraining steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the text expert trains (cpu, cuda)")
     args = parser.parse_args(argv)
     quiet_hf()
-    args.dest = args.dest or b.pretrained_dir()
+    if args.pack:
+        b.pack(args.pack)
+        print(f"shipped {args.pack} in {b.SHIPPED}")
+        return 0
+    args.dest = args.dest or b.cache_dir()
     info = make(args.dest, args.work, dataclasses.replace(b.FULL, lm_steps=args.lm_steps), args.seed, args.device)
     print(f"experts in {args.dest}: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["seconds"].items()))
     return 0
