@@ -289,6 +289,11 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     assert widened.keys() == packed.keys() and all(
         widened[k].dtype == torch.float32 and torch.equal(widened[k], packed[k].float()) for k in packed)
     assert json.loads((tmp_path / "v2f/llm/config.json").read_text())["dtype"] == "float32"
+    # a truncated weights file is named, with what to do, not a traceback
+    damaged = tmp_path / "shipped/llm/model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(SeeChatError, match="llm/model.safetensors is not a readable safetensors file.*make_experts"):
+        v2build.copy_experts(tmp_path / "shipped", tmp_path / "v2g")
 
 
 def test_the_shipped_toy_experts_fit_this_seechat(tmp_path, monkeypatch):

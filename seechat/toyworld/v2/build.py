@@ -6,8 +6,8 @@ conversation, a shifted renderer), offline on CPU. Not the default world: see th
 Phases (each skipped when a previous run with the same settings finished it):
   data      synthetic pictures, captions, boxes and conversations:
             OUT/data/{train,val,test,heldout_combos,shift,phrasing,multi}/
-  experts   the pretrained experts, made once per machine (`python -m seechat.toyworld.v2.make_experts`, the two
-            phases below, for longer; ~/.cache/seechat/toyworld_v2_experts) and copied: OUT/clip/, OUT/llm/
+  experts   the pretrained experts seechat ships (`SHIPPED`; made by `python -m seechat.toyworld.v2.make_experts`,
+            the two phases below for longer, once they no longer fit) copied in fp32: OUT/clip/, OUT/llm/
   (vision)  with Plan(experts="train") instead: a CLIP model trained contrastively on the captions and, through
             heads dropped afterwards, densely on its patches (what is where): OUT/clip/ (vision + text towers)
   (llm)     and a GLM-architecture LM with a per-character tokenizer, pretrained reading `SceneSlots` in place
@@ -205,8 +205,8 @@ class Plan:
     the right colours and shapes, wrongly paired and ordered: it read the counts, not the patches); without
     it, 98% after 3,000 (60 pictures each, true slots)."""
     experts: str = "pretrained"
-    """Where the vision and text experts come from: "pretrained" (made once per machine by `make_experts` into
-    `pretrained_dir()`, on the first build that needs them, then reused), a folder made by
+    """Where the vision and text experts come from: "pretrained" (`pretrained_dir()`: the shipped ones, or made
+    once by `make_experts` on the first build that needs them, then reused), a folder made by
     `python -m seechat.toyworld.v2.make_experts --dest DIR`, or "train" (trained in this build: the vision and
     llm phases)."""
     attention: str = "sdpa"
@@ -403,8 +403,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
 
 
 SHIPPED = Path(__file__).with_name("pretrained")
-"""The pretrained toy experts seechat ships (`pack`: the vision tower alone, in fp16, 1.7 MB, the text expert in
-fp16, 1.5 MB; `copy_experts` widens them to fp32), so that `make demo` builds the toy world v2 in minutes from a
+"""The pretrained toy experts seechat ships (`pack`: the vision tower alone, in fp16, 1.6 MB, the text expert in
+fp16, 1.4 MB; `copy_experts` widens them to fp32), so that `make demo` builds the toy world v2 in minutes from a
 fresh clone; `python -m seechat.toyworld.v2.make_experts` makes them anew (`MAKING`) and `--pack` ships them."""
 
 
@@ -456,9 +456,15 @@ def _retype(folder: Path, dtype: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from ...errors import ModelDirError
+
     to = getattr(torch, dtype)
     for f in folder.glob("*.safetensors"):
-        weights = load_file(f)
+        try:
+            weights = load_file(f)
+        except Exception as e:  # safetensors raises its own errors for truncated or foreign files
+            raise ModelDirError(f"{f} is not a readable safetensors file ({e}): restore it (git checkout) or make "
+                                "the toy experts anew with `python -m seechat.toyworld.v2.make_experts`") from e
         if any(t.is_floating_point() and t.dtype != to for t in weights.values()):
             save_file({k: t.to(to) if t.is_floating_point() else t for k, t in weights.items()}, f,
                       metadata={"format": "pt"})
