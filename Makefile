@@ -30,7 +30,7 @@ test: setup
 # picture and one grounding question about it, the picture saved with the answer's box drawn, and (in a
 # terminal) the chat.
 DEMO_STAMP := $(VENV)/.seechat-demo-installed
-DEMO_IMAGE := runs/toyworld_v2/data/test/images/00003.png
+DEMO_IMAGE := runs/toyworld_v2/data/test/images/00090.png
 demo-setup: $(DEMO_STAMP)
 
 # Only what the demo runs (not the test, web and serving extras `make setup` brings): a fresh clone gets going sooner.
