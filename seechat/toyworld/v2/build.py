@@ -452,11 +452,12 @@ def copy_experts(src: Path, dst: Path) -> None:
     for d in ("clip", "llm", "tokenizer"):
         shutil.rmtree(dst / d, ignore_errors=True)
         shutil.copytree(src / d, dst / d)
-        _retype(dst / d, "float32")
+        _retype(dst / d, "float32", origin=src / d)
 
 
-def _retype(folder: Path, dtype: str) -> None:
-    """Every floating-point weight in `folder`'s safetensors files, and its config's `dtype`, in `dtype`."""
+def _retype(folder: Path, dtype: str, origin: Path | None = None) -> None:
+    """Every floating-point weight in `folder`'s safetensors files, and its config's `dtype`, in `dtype`
+    (`origin`: the folder they were copied from, which an error names)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -467,8 +468,9 @@ def _retype(folder: Path, dtype: str) -> None:
         try:
             weights = load_file(f)
         except Exception as e:  # safetensors raises its own errors for truncated or foreign files
-            raise ModelDirError(f"{f} is not a readable safetensors file ({e}): restore it (git checkout) or make "
-                                "the toy experts anew with `python -m seechat.toyworld.v2.make_experts`") from e
+            raise ModelDirError(f"{(origin or folder) / f.name} is not a readable safetensors file ({e}): restore it "
+                                "(git checkout) or make the toy experts anew with "
+                                "`python -m seechat.toyworld.v2.make_experts`") from e
         if any(t.is_floating_point() and t.dtype != to for t in weights.values()):
             save_file({k: t.to(to) if t.is_floating_point() else t for k, t in weights.items()}, f,
                       metadata={"format": "pt"})
