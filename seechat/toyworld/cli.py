@@ -19,8 +19,8 @@ USAGE = ("usage: seechat toyworld build [--world v1|v2] [--out runs/toyworld] [-
 class BuildArgs:
     world: str = field(default="v1", metadata={
         "help": "v1: one shape per picture (the default); v2: 1-4 shapes, counting, boxes, 2-3 pictures per "
-                "conversation, a shifted renderer; stitches pretrained toy experts made once per machine "
-                "(about 70 min the first time; below its targets: see the README)."})
+                "conversation, a shifted renderer; stitches the pretrained toy experts seechat ships "
+                "(`make demo` builds it; below its targets: see the README)."})
     out: str = field(default="", metadata={"help": "Where everything goes (default runs/toyworld, or "
                                                    "runs/toyworld_v2 for --world v2)."})
     seed: int = field(default=0, metadata={"help": "Same seed, same world, same model, same metrics."})
