@@ -174,7 +174,7 @@ class Plan:
     97.5%, 1.5e-3 96.5%, 2e-3 95.9%; seed 1, 5e-4 92.9%, 1e-3 93.5%. What val did not choose on does not
     confirm it: test 96.0% against 95.9% (seed 1: 92.1% against 92.8%), shift 85.7% against 86.5% (83.4% against
     84.0%), held-out phrasings 84.4% against 89.7%. Before that, 5e-4 with the 1,024-wide bridge (`bridge_hidden` has
-    that sweep). Before it, with 128 wide at 3e-3: 6e-3
+    that sweep); before that bridge, with 128 wide at 3e-3: 6e-3
     (2026-11-27, the same experts, fp32) ended Stage I lower (loss 0.448 against 0.48-0.52) and answered
     worse: description 82.5% against 92.5%, counting 95.0% against 97.5%, which picture 85.0% against 92.5%. As with
     stacked patches (`pool`), a lower Stage I loss went with worse answers. With the experts of answers version 4 and
