@@ -75,6 +75,11 @@ class BridgeConfig:
     Qwen2-VL's projectors start this way), one per level when vision.feature_layer lists several. Features far from
     unit scale (a CNN's ReLU6 map: tokens ~50x the norm of a text embedding, mostly a part shared by every picture)
     otherwise reach the text expert as huge, nearly identical tokens."""
+    kernel: int = 1
+    """linear and mlp: how many tokens across the bridge reads, over the vision expert's token grid: 1 (each token
+    on its own, as LLaVA's projector) or an odd k (each token plus a k x k convolution of its neighbourhood, learnt
+    from zero: a shape lying across two tokens can then be given to one of them). Needs a square token grid (a
+    leading CLS token is read alone)."""
     num_queries: int = 32
     """qformer only: learned query tokens, which is also the number of image tokens per image."""
     qformer: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +97,11 @@ class BridgeConfig:
             raise ConfigError(f"bridge.hidden must be >= 1 (or null: the text expert's width), got {self.hidden}")
         if self.num_queries < 1:
             raise ConfigError(f"bridge.num_queries must be >= 1, got {self.num_queries}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"bridge.kernel must be an odd number >= 1 (1: each token alone, 3: 3x3 neighbours), "
+                              f"got {self.kernel}")
+        if self.kernel > 1 and self.type not in ("linear", "mlp"):
+            raise ConfigError(f"bridge.kernel applies to the linear and mlp bridges, not {self.type!r}")
         if self.norm and self.type not in ("linear", "mlp"):
             raise ConfigError(f"bridge.norm applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:

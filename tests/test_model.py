@@ -167,6 +167,37 @@ def test_mlp_bridge_hidden_width_is_kept_through_save_and_load(experts, red, tmp
         check_exportable(model)
 
 
+def test_a_kernel_3_bridge_reads_each_token_with_its_grid_neighbours(experts, red, tmp_path):
+    cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
+    cfg.bridge.kernel = 3
+    model = seechat.build(cfg, device="cpu")
+    feats = torch.randn(1, 16, 32)  # the tiny CLIP's 4x4 patch grid
+    moved = feats.clone()
+    moved[0, 5] += 1.0  # row 1, column 1
+    with torch.no_grad():
+        untrained = (model.project(moved) - model.project(feats)).abs().sum(-1)[0] > 0
+        assert untrained.nonzero().flatten().tolist() == [5]  # the mix starts at zero: a per-token bridge
+        model.bridge.mix.conv.weight.normal_(std=0.1)  # as if trained
+        changed = (model.project(moved) - model.project(feats)).abs().sum(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]  # its 3x3 neighbourhood only
+    with torch.no_grad():
+        pixels = model.processor.pixel_values([red])
+        model.save(tmp_path / "m")
+        again = seechat.load(tmp_path / "m", device="cpu")
+        torch.testing.assert_close(again.encode_images(pixels), model.encode_images(pixels))
+    assert again.config.bridge.kernel == 3
+    with pytest.raises(ConfigError, match="reads a square grid of image tokens, but the vision expert gives 15"):
+        model.project(torch.randn(1, 15, 32))
+    with pytest.raises(ConfigError, match="bridge.kernel must be an odd number"):
+        BridgeConfig(kernel=2)
+    with pytest.raises(ConfigError, match="bridge.kernel applies to the linear and mlp bridges"):
+        BridgeConfig(type="qformer", kernel=3)
+    from seechat.export.llava import check_exportable
+
+    with pytest.raises(ConfigError, match="bridge.kernel is 3"):
+        check_exportable(model)
+
+
 def test_bad_compositions_name_the_valid_choices(experts):
     with pytest.raises(ConfigError, match=r"unknown bridge type 'perceiver'; valid types are \['linear', 'mlp', 'qformer'\]"):
         cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])

@@ -25,6 +25,9 @@ def check_exportable(model: SeeChat) -> None:
     if cfg.bridge.type == "mlp" and cfg.bridge.hidden not in (None, width):
         reasons.append(f"bridge.hidden is {cfg.bridge.hidden}, but LLaVA's projector is as wide as the text expert "
                        f"({width})")
+    if cfg.bridge.kernel != 1:
+        reasons.append(f"bridge.kernel is {cfg.bridge.kernel}: the bridge reads neighbouring tokens, but LLaVA's "
+                       "projector reads each token alone")
     if cfg.bridge.norm:
         reasons.append("bridge.norm puts a LayerNorm in front of the bridge, which LLaVA's projector lacks")
     if cfg.vision.pool != "none":

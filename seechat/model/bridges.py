@@ -6,6 +6,8 @@ returns (batch, num_tokens(n_in), llm_dim) embeddings.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -30,19 +32,50 @@ class LevelNorm(nn.Module):
         return torch.cat([norm(part) for norm, part in zip(self.norms, parts)], dim=-1)
 
 
+class GridMix(nn.Module):
+    """Adds to each image token a k x k convolution of its neighbourhood on the token grid (bridge.kernel), so that
+    the layer after it reads each token together with its neighbours (the convolutional projectors of Honeybee's
+    C-Abstractor and MobileVLM's LDP mix neighbours too). Starts at zero: an untrained mix is the per-token bridge.
+    A leading CLS token, which has no place on the grid, passes unchanged."""
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, kernel, padding=kernel // 2)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        b, n, c = feats.shape
+        grid = math.isqrt(n)
+        cls = n - grid * grid
+        if cls not in (0, 1) or grid == 0:
+            raise ConfigError(f"bridge.kernel {self.conv.kernel_size[0]} reads a square grid of image tokens, but the "
+                              f"vision expert gives {n}: use bridge.kernel 1")
+        mixed = self.conv(feats[:, cls:].transpose(1, 2).reshape(b, c, grid, grid)).flatten(2).transpose(1, 2)
+        return torch.cat([feats[:, :cls], feats[:, cls:] + mixed], dim=1)
+
+
+def _prepare(bridge: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The linear and mlp bridges' optional first steps: bridge.norm, then bridge.kernel's neighbour mix."""
+    if bridge.norm is not None:
+        feats = bridge.norm(feats)
+    return bridge.mix(feats) if bridge.mix is not None else feats
+
+
 class LinearBridge(nn.Module):
     """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
 
     def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
+        self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
         self.proj = nn.Linear(vision_dim, llm_dim)
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(feats) if self.norm is not None else feats)
+        return self.proj(_prepare(self, feats))
 
 
 class MLPBridge(nn.Module):
@@ -52,6 +85,7 @@ class MLPBridge(nn.Module):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
         widths = [vision_dim] + [config.hidden or llm_dim] * (config.depth - 1) + [llm_dim]
+        self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
         layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
         for a, b in zip(widths[1:-1], widths[2:]):
             layers += [nn.GELU(), nn.Linear(a, b)]
@@ -61,7 +95,7 @@ class MLPBridge(nn.Module):
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.norm(feats) if self.norm is not None else feats)
+        return self.layers(_prepare(self, feats))
 
 
 class QFormerBridge(nn.Module):
