@@ -123,6 +123,16 @@ def test_vision_feature_options(experts, red):
     torch.testing.assert_close(multi.vision(pixels), torch.cat([ref[1][:, 1:], ref[-1][:, 1:]], dim=-1))
 
 
+def _same_after_save_and_load(model, image, tmp_path):
+    """Save the model, load it back, check it encodes `image` the same; return the loaded one."""
+    with torch.no_grad():
+        pixels = model.processor.pixel_values([image])
+        model.save(tmp_path / "m")
+        again = seechat.load(tmp_path / "m", device="cpu")
+        torch.testing.assert_close(again.encode_images(pixels), model.encode_images(pixels))
+    return again
+
+
 def test_bridge_norm_normalises_each_feature_level_on_its_own(experts, red, tmp_path):
     from seechat.model.bridges import build_bridge
 
@@ -143,10 +153,7 @@ def test_bridge_norm_normalises_each_feature_level_on_its_own(experts, red, tmp_
     assert model.bridge.norm.levels == [32, 32]
     with torch.no_grad():
         model.bridge.norm.norms[1].weight.fill_(0.5)  # as if trained
-        pixels = model.processor.pixel_values([red])
-        model.save(tmp_path / "m")
-        torch.testing.assert_close(seechat.load(tmp_path / "m", device="cpu").encode_images(pixels),
-                                   model.encode_images(pixels))
+    _same_after_save_and_load(model, red, tmp_path)
 
 
 def test_mlp_bridge_hidden_width_is_kept_through_save_and_load(experts, red, tmp_path):
@@ -155,11 +162,7 @@ def test_mlp_bridge_hidden_width_is_kept_through_save_and_load(experts, red, tmp
     model = seechat.build(cfg, device="cpu")
     linear = [tuple(m.weight.shape) for m in model.bridge.layers if isinstance(m, torch.nn.Linear)]
     assert linear == [(48, 32), (64, 48)]  # vision 32 -> 48 -> text expert 64
-    with torch.no_grad():
-        pixels = model.processor.pixel_values([red])
-        model.save(tmp_path / "m")
-        again = seechat.load(tmp_path / "m", device="cpu")
-        torch.testing.assert_close(again.encode_images(pixels), model.encode_images(pixels))
+    again = _same_after_save_and_load(model, red, tmp_path)
     assert again.config.bridge.hidden == 48
     from seechat.export.llava import check_exportable
 
@@ -180,11 +183,7 @@ def test_a_kernel_3_bridge_reads_each_token_with_its_grid_neighbours(experts, re
         model.bridge.mix.conv.weight.normal_(std=0.1)  # as if trained
         changed = (model.project(moved) - model.project(feats)).abs().sum(-1)[0] > 0
     assert changed.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]  # its 3x3 neighbourhood only
-    with torch.no_grad():
-        pixels = model.processor.pixel_values([red])
-        model.save(tmp_path / "m")
-        again = seechat.load(tmp_path / "m", device="cpu")
-        torch.testing.assert_close(again.encode_images(pixels), model.encode_images(pixels))
+    again = _same_after_save_and_load(model, red, tmp_path)
     assert again.config.bridge.kernel == 3
     with pytest.raises(ConfigError, match="reads a square grid of image tokens, but the vision expert gives 15"):
         model.project(torch.randn(1, 15, 32))
