@@ -100,10 +100,9 @@ class BridgeConfig:
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"bridge.kernel must be an odd number >= 1 (1: each token alone, 3: 3x3 neighbours), "
                               f"got {self.kernel}")
-        if self.kernel > 1 and self.type not in ("linear", "mlp"):
-            raise ConfigError(f"bridge.kernel applies to the linear and mlp bridges, not {self.type!r}")
-        if self.norm and self.type not in ("linear", "mlp"):
-            raise ConfigError(f"bridge.norm applies to the linear and mlp bridges, not {self.type!r}")
+        for name, used in (("kernel", self.kernel > 1), ("norm", self.norm)):
+            if used and self.type not in ("linear", "mlp"):
+                raise ConfigError(f"bridge.{name} applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:
             raise ConfigError("bridge.frozen_qformer needs bridge.qformer_from (a BLIP-2 checkpoint to take it from)")
 
