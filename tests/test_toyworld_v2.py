@@ -182,6 +182,17 @@ def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
 
     loss, acc = DenseHeads(32).loss(torch.randn(1, 17, 32), t)
     assert loss.item() > 0 and set(acc) == {"colour", "kind", "position", "box", "counts"}
+    # "nothing here" (Plan.clip_nothing): every patch without a shape's centre learns a colour and kind of its own
+    plain, nothing = DenseHeads(32), DenseHeads(32, nothing=True)
+    empty = t["obj"][0] == 0
+    for key, n in (("colour", len(world.COLOURS)), ("kind", len(world.SHAPES))):
+        assert (plain.target(key, t)[empty] == -100).all() and (nothing.target(key, t)[empty] == n).all()
+        assert torch.equal(nothing.target(key, t)[~empty], plain.target(key, t)[~empty])
+    with torch.no_grad():  # a head that says "nothing here" everywhere is judged only where the shapes are: 0%
+        nothing.patch.weight.zero_()
+        nothing.patch.bias.zero_()
+        nothing.patch.bias[1 + len(world.COLOURS)] = 9.0
+    assert nothing.loss(torch.zeros(1, 17, 32), t)[1]["colour"] == 0.0
 
 
 def test_the_vision_expert_sees_every_picture_once():

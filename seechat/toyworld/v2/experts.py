@@ -99,14 +99,22 @@ def dense_targets(scenes: list[world.Scene], grid: int) -> dict[str, torch.Tenso
 class DenseHeads(torch.nn.Module):
     """Linear heads over the vision expert's last layer (dropped once it is trained)."""
 
-    def __init__(self, width: int, weights: dict[str, float] | None = None):
+    def __init__(self, width: int, weights: dict[str, float] | None = None, nothing: bool = False):
         super().__init__()
-        self.weights = weights or {}
-        self.sizes = {"obj": 1, "colour": len(world.COLOURS), "kind": len(world.SHAPES),
+        self.weights, self.nothing = weights or {}, nothing
+        self.sizes = {"obj": 1, "colour": len(world.COLOURS) + nothing, "kind": len(world.SHAPES) + nothing,
                       "position": len(world.POSITIONS), "box": 4 * (world.IMAGE_SIZE + 1)}
         self.patch = torch.nn.Linear(width, sum(self.sizes.values()))
         self.n_counts = 1 + len(world.COLOURS) + len(world.SHAPES)
         self.counts = torch.nn.Linear(width, self.n_counts * 5)
+
+    def target(self, key: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classes a head learns, one per patch (-100: nothing to learn there); with `nothing`, a patch holding
+        no shape's centre is the last colour and kind class."""
+        target = t[key].reshape(-1)
+        if self.nothing and key in ("colour", "kind"):
+            target = torch.where(t["obj"].reshape(-1) > 0, target, self.sizes[key] - 1)
+        return target
 
     def loss(self, hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """hidden: the last layer (CLS first); returns the summed loss and accuracies on this batch."""
@@ -115,9 +123,9 @@ class DenseHeads(torch.nn.Module):
         acc = {}
         for key in ("colour", "kind", "position", "box"):
             logits = out[key].reshape(-1, world.IMAGE_SIZE + 1) if key == "box" else out[key].reshape(-1, self.sizes[key])
-            target = t[key].reshape(-1)
+            target = self.target(key, t)
             losses[key] = F.cross_entropy(logits, target, label_smoothing=0.1 if key == "box" else 0.0)
-            here = target != -100
+            here = t[key].reshape(-1) != -100  # judged where a shape is, with or without `nothing`
             acc[key] = ((logits.argmax(-1) - target)[here].abs() <= (1 if key == "box" else 0)).float().mean().item()
         counts = self.counts(hidden[:, 0]).reshape(-1, self.n_counts, 5)
         losses["counts"] = F.cross_entropy(counts.reshape(-1, 5), t["counts"].reshape(-1))
@@ -166,7 +174,7 @@ def photometric(image, rng: random.Random):
 def train_clip(out: Path, batches, tokenizer, *,
                sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
                full_caption_share: float = 0.4, position_std: float = 0.5, dense_weight: float = 1.0,
-               kind_weight: float = 1.0, progress=None,
+               kind_weight: float = 1.0, nothing: bool = False, progress=None,
                heldout: dict[str, tuple[torch.Tensor, list[world.Scene]]] | None = None
                ) -> tuple[list[float], dict[str, dict[str, float]]]:
     """CLIPModel training on the world's pictures, `batches(n)` -> (pixel values, scenes) of n pictures (a
@@ -196,7 +204,7 @@ def train_clip(out: Path, batches, tokenizer, *,
     )
     model = CLIPModel(config)
     grid = 4  # what the bridge reads: the patches themselves (patch 16) or 2x2-pooled (patch 8)
-    head = DenseHeads(sizes.vision_hidden, {"kind": kind_weight})
+    head = DenseHeads(sizes.vision_hidden, {"kind": kind_weight}, nothing)
     with torch.no_grad():
         # Hugging Face initialises position embeddings at std 0.02, far below the patch embeddings, so where
         # a shape sits is nearly invisible at first and position is learned last; start them comparable.

@@ -8,7 +8,7 @@ build would stitch experts fetched from a hub.
 
 seechat ships a pair in fp16 (`build.SHIPPED`, written by `--pack`); a build makes its own only when those no
 longer fit this seechat (another recipe or answers version). They are made by the build's own data, vision and llm
-phases (Plan(experts="train")), for longer than a build can afford (about 70 minutes on 2 cores); DEST/made.json
+phases (Plan(experts="train")), for longer than a build can afford (about 90 minutes on 2 cores); DEST/made.json
 records the plan, the seed, the seconds each phase took, the threads it had and the device.
 `--device cuda` pretrains the text expert on a GPU (the vision expert stays on the CPU, where its pictures are
 drawn): 9,000 steps took 410 s on an H200 shared by six such runs, against 1,864 s on 2 CPU cores. Numbers
