@@ -414,8 +414,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment)
     losses, probe = train_clip(out / "clip", scenes, clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
-                               batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight, nothing=plan.clip_nothing, seed=seed,
-                               image_processor=processor, progress=bar,
+                               batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight,
+                               nothing=plan.clip_nothing, seed=seed, image_processor=processor, progress=bar,
                                heldout=probed)
     tok.save_pretrained(out / "tokenizer")
     _losses(out, "vision", losses)
