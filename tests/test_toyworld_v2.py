@@ -219,6 +219,17 @@ def test_the_vision_expert_sees_every_picture_once():
     assert [s.caption() for s in t1] == [s.caption() for s in s1]
     changed = [(a - b).abs().max().item() > 1e-3 for a, b in zip(p1, q1)]
     assert 8 <= sum(changed) <= 32
+    # with the wider variety: about half the scenes drawn in WIDE, which holds every range of SHIFT and keeps
+    # each colour's jitter short of any other colour
+    wide = FreshScenes(0, processor, wide=0.5)(40)[1]
+    assert 8 <= sum(s.style is world.WIDE for s in wide) <= 32
+    assert all(s.style in (world.WIDE, world.TRAIN) for s in wide)
+    w, sh = world.WIDE, world.SHIFT
+    assert w.size[0] <= sh.size[0] and w.size[1] >= sh.size[1] and w.rotation >= sh.rotation
+    assert w.noise[1] >= sh.noise[1] and w.blur[1] >= sh.blur[1] and w.jpeg[0] <= sh.jpeg[0]
+    assert set(sh.backgrounds) <= set(w.backgrounds) and w.colour_jitter >= sh.colour_jitter
+    rgb = [c[0] for c in world.COLOURS.values()]
+    assert min(max(abs(x - y) for x, y in zip(a, b)) for i, a in enumerate(rgb) for b in rgb[i + 1:]) >= 2 * w.colour_jitter
 
 
 def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):

@@ -135,7 +135,8 @@ class DenseHeads(torch.nn.Module):
 
 class FreshScenes:
     """Batches of scenes drawn and rendered anew at every call (one-shape scenes and, a share `multi` of
-    them, 2-4 shapes; the training colour x shape pairs, the TRAIN style) as pixel values.
+    them, 2-4 shapes; the training colour x shape pairs; the TRAIN style, or a share `wide` of them the wider
+    variety `world.WIDE`) as pixel values.
 
     The vision expert learns from these rather than from the build's fixed training pictures: on those 10,000
     its dense heads were right on every training batch after 6,000 steps while on the validation pictures
@@ -143,14 +144,15 @@ class FreshScenes:
     heart. Drawing and rendering a picture takes about 1.2 ms, a few times less than a training step spends
     on it."""
 
-    def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0):
+    def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0, wide: float = 0.0):
         self.rng = random.Random(f"clip:{seed}")
         self.jitter = random.Random(f"clip-augment:{seed}")  # its own stream: the scenes stay those without it
         self.combos = world.training_combos(seed)
-        self.processor, self.multi, self.augment = processor, multi, augment
+        self.processor, self.multi, self.augment, self.wide = processor, multi, augment, wide
 
     def __call__(self, n: int) -> tuple[torch.Tensor, list[world.Scene]]:
-        scenes = [world.any_scene(self.rng, self.combos, self.multi) for _ in range(n)]
+        styles = [world.WIDE if self.wide and self.jitter.random() < self.wide else world.TRAIN for _ in range(n)]
+        scenes = [world.any_scene(self.rng, self.combos, self.multi, style) for style in styles]
         images = [s.render() for s in scenes]
         if self.augment:
             images = [photometric(im, self.jitter) if self.jitter.random() < self.augment else im for im in images]

@@ -3,7 +3,7 @@ text expert (GLM, pretrained on `SceneSlots`) that `seechat toyworld build --wor
 build would stitch experts fetched from a hub.
 
     python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
-                                               [--device cuda]
+                                               [--clip-wide 0.5] [--device cuda]
     python -m seechat.toyworld.v2.make_experts --pack DIR    # ship the experts made in DIR with seechat
 
 seechat ships a pair in fp16 (`build.SHIPPED`, written by `--pack`); a build makes its own only when those no
@@ -46,6 +46,7 @@ def make(dest: Path, work: Path, plan: b.Plan = b.FULL, seed: int = 0, device: s
             "vision_probe": json.loads((work / "losses/vision_probe.json").read_text()),
             "command": "python -m seechat.toyworld.v2.make_experts"
                        + (f" --lm-steps {plan.lm_steps}" if plan.lm_steps != b.FULL.lm_steps else "")
+                       + (f" --clip-wide {plan.clip_wide}" if plan.clip_wide != b.FULL.clip_wide else "")
                        + (f" --device {device}" if device != "cpu" else "")}
     (dest / "made.json").write_text(json.dumps(info, ensure_ascii=False, indent=1))
     return info
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"make nothing: ship the experts made in DIR (into {b.SHIPPED}, in fp16)")
     parser.add_argument("--work", type=Path, default=Path("runs/toyworld_v2_experts"), help="data and scratch")
     parser.add_argument("--lm-steps", type=int, default=b.FULL.lm_steps, help="text expert pretraining steps")
+    parser.add_argument("--clip-wide", type=float, default=b.FULL.clip_wide,
+                        help="share of the vision expert's pictures drawn in world.WIDE (Plan.clip_wide)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the text expert trains (cpu, cuda)")
     args = parser.parse_args(argv)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shipped {args.pack} in {b.SHIPPED}")
         return 0
     args.dest = args.dest or b.cache_dir()
-    info = make(args.dest, args.work, dataclasses.replace(b.FULL, lm_steps=args.lm_steps), args.seed, args.device)
+    plan = dataclasses.replace(b.FULL, lm_steps=args.lm_steps, clip_wide=args.clip_wide)
+    info = make(args.dest, args.work, plan, args.seed, args.device)
     print(f"experts in {args.dest}: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["seconds"].items()))
     return 0
 

@@ -11,7 +11,7 @@ compare pictures, describe the newest one and follow up on it.
 Rendering is deliberately varied (`Style`): sizes from about 1/7 to 1/2 of the picture, small rotations,
 aliased or anti-aliased edges, noise, blur, JPEG artefacts and plain, tinted or graded backgrounds. The
 `shift` split draws with settings outside the training ranges (`SHIFT`), to show what survives another
-renderer.
+renderer; `WIDE` is a variety wider than both that a vision expert may be pretrained on (`Plan.clip_wide`).
 
 Splits are deterministic for a seed: train / val / test draw from the same colour x shape combinations;
 heldout_combos uses only combinations that never appear in any training data. Some phrasings of every
@@ -96,11 +96,25 @@ class Style:
     backgrounds: tuple[str, ...] = ("plain", "tinted", "vertical")
     """Background kinds: plain light grey, a light tint, a vertical gradient."""
     colour_jitter: int = 18
+    """Largest change of each RGB channel of a shape's colour (either way)."""
+    degrade: float = 0.5
+    """Share of pictures blurred, and (drawn apart) share JPEG-compressed."""
 
 
 TRAIN = Style()
 SHIFT = Style(size=(8, 33), rotation=18, antialias=0.5, noise=(9, 12), blur=(0.7, 0.9), jpeg=(30, 44),
-              backgrounds=("horizontal", "diagonal", "dark_tint"), colour_jitter=26)
+              backgrounds=("horizontal", "diagonal", "dark_tint"), colour_jitter=26, degrade=1.0)
+WIDE = Style(size=(7, 36), rotation=30, antialias=0.5, noise=(0, 16), blur=(0, 1.2), jpeg=(20, 95),
+             backgrounds=("plain", "tinted", "vertical", "horizontal", "diagonal", "dark_tint"), colour_jitter=30)
+"""A variety a toy vision expert can be pretrained on besides TRAIN (`Plan.clip_wide`, not in the shipped recipe),
+as a real vision expert has seen far more kinds of pictures than the data it is later stitched on: every setting
+the renderer has, at
+round limits of its own, not chosen from what the build's splits hold: sizes from about 1/9 to 0.56 of the
+picture, rotations to 30 degrees (RandAugment's largest), noise to 16, blur to 1.2 pixels and JPEG quality down
+to 20 on half of the pictures, every kind of background, and colour jitter to 30, half the gap between the two
+closest colours (yellow and orange, 60 apart in green), so that no shape's colour crosses into another's. It
+holds SHIFT's ranges: with such a vision expert the `shift` split measures whether what the bridge and the text
+expert learnt on TRAIN pictures carries over, not whether the vision expert has seen such pictures."""
 
 
 @dataclass
@@ -142,13 +156,12 @@ class Scene(_SceneV1):
             _draw(draw, s, k)
         if aa:
             img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-        # `!=`, not `is not`: a scene sent to another process to be drawn has an equal style, not the same object
-        if rng.random() < 0.5 or st != TRAIN:
+        if rng.random() < st.degrade:
             img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*st.blur)))
         sigma = rng.uniform(*st.noise)
         if sigma > 0:
             img = _add_noise(img, rng, sigma)
-        if rng.random() < 0.5 or st != TRAIN:
+        if rng.random() < st.degrade:
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=rng.randint(*st.jpeg))
             img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
@@ -247,14 +260,16 @@ def make_scene(rng: random.Random, colour: str, kind: str, position: str, style:
     return Scene([shape], _background_colour(rng, style), seed=rng.randrange(1 << 30), style=style)
 
 
-def one_shape(rng: random.Random, combos: list[tuple[str, str]]) -> Scene:
+def one_shape(rng: random.Random, combos: list[tuple[str, str]], style: Style = TRAIN) -> Scene:
     """A one-shape scene of a colour x kind pair from `combos`, near a named position."""
-    return make_scene(rng, *rng.choice(combos), rng.choice(list(POSITIONS)))
+    return make_scene(rng, *rng.choice(combos), rng.choice(list(POSITIONS)), style)
 
 
-def any_scene(rng: random.Random, combos: list[tuple[str, str]], multi: float = 0.5) -> Scene:
+def any_scene(rng: random.Random, combos: list[tuple[str, str]], multi: float = 0.5, style: Style = TRAIN) -> Scene:
     """A scene of the training mix: one shape near a named position or, a share `multi` of the time, 2-4."""
-    return one_shape(rng, combos) if rng.random() < 1 - multi else make_multi_scene(rng, combos, rng.randint(2, 4))
+    if rng.random() < 1 - multi:
+        return one_shape(rng, combos, style)
+    return make_multi_scene(rng, combos, rng.randint(2, 4), style)
 
 
 def make_multi_scene(rng: random.Random, combos: list[tuple[str, str]], n: int, style: Style = TRAIN) -> Scene:
