@@ -151,6 +151,7 @@ class FreshScenes:
         self.processor, self.multi, self.augment, self.wide = processor, multi, augment, wide
 
     def __call__(self, n: int) -> tuple[torch.Tensor, list[world.Scene]]:
+        # no draw at all when `wide` is 0, so that the jitter stream (and recipe 4's expert) stays as it was
         styles = [world.WIDE if self.wide and self.jitter.random() < self.wide else world.TRAIN for _ in range(n)]
         scenes = [world.any_scene(self.rng, self.combos, self.multi, style) for style in styles]
         images = [s.render() for s in scenes]

@@ -108,13 +108,13 @@ WIDE = Style(size=(7, 36), rotation=30, antialias=0.5, noise=(0, 16), blur=(0, 1
              backgrounds=("plain", "tinted", "vertical", "horizontal", "diagonal", "dark_tint"), colour_jitter=30)
 """A variety a toy vision expert can be pretrained on besides TRAIN (`Plan.clip_wide`, not in the shipped recipe),
 as a real vision expert has seen far more kinds of pictures than the data it is later stitched on: every setting
-the renderer has, at
-round limits of its own, not chosen from what the build's splits hold: sizes from about 1/9 to 0.56 of the
-picture, rotations to 30 degrees (RandAugment's largest), noise to 16, blur to 1.2 pixels and JPEG quality down
-to 20 on half of the pictures, every kind of background, and colour jitter to 30, half the gap between the two
-closest colours (yellow and orange, 60 apart in green), so that no shape's colour crosses into another's. It
-holds SHIFT's ranges: with such a vision expert the `shift` split measures whether what the bridge and the text
-expert learnt on TRAIN pictures carries over, not whether the vision expert has seen such pictures."""
+the renderer has, at round limits of its own, not chosen from what the build's splits hold: sizes from about 1/9
+to 0.56 of the picture, rotations to 30 degrees (RandAugment's largest), noise to 16 on every picture, blur to
+1.2 pixels and JPEG quality down to 20 each on half of them, every kind of background, and colour jitter to 30,
+half the gap between the two closest colours (yellow and orange, 60 apart in green), so that no shape's colour
+crosses into another's. It holds SHIFT's ranges: with such a vision expert the `shift` split measures whether
+what the bridge and the text expert learnt on TRAIN pictures carries over, not whether the vision expert has
+seen such pictures."""
 
 
 @dataclass
