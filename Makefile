@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml
 	$(call install,.[test])
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one per core (TEST_WORKERS=0: one process), each test file in one worker (so a
+# session fixture such as the quick toy-world build is made once).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The toy world v2 (1-4 shapes, counting, boxes, several pictures), with the toy experts seechat ships: data,
 # Stage I + II, metrics (about 5 minutes on 2 cores; a rerun reuses it), then the chat's description of a test

@@ -15,7 +15,9 @@ from seechat.cli_helpers import quiet_hf  # noqa: E402
 from seechat.tiny import LLM_ARCHS, VISION_ARCHS, build_tiny_model, sample_image, tiny_llm, tiny_vision  # noqa: E402
 
 quiet_hf()
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers, one per core of the 2-core CI machine: most tests here are Python-bound
+# (tiny models, servers, subprocesses), so two processes use both cores where one process with two threads did not.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -93,11 +95,3 @@ def train_data(tmp_path_factory):
     (root / "mixed_bad.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
-
-@pytest.fixture(scope="session")
-def quick_toyworld(tmp_path_factory):
-    """A `seechat toyworld build --quick` output (about a minute), shared by the tests that need a trained model."""
-    from seechat.toyworld.build import build
-
-    out = tmp_path_factory.mktemp("toyworld") / "toy"
-    return out, build(out, seed=0, quick=True)

@@ -1,4 +1,5 @@
-"""The toy world: deterministic splits, held-out combinations, a quick build that learns, reuse, determinism."""
+"""The toy world: deterministic splits, held-out combinations, a quick build that learns (and exports to
+LLaVA with the same answers), reuse, determinism."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import random
 
 import pytest
 
+import seechat
+from seechat.data.images import load_image
+from seechat.export.llava import export_llava
 from seechat.toyworld import world
 from seechat.toyworld.build import QUICK, Plan, build
+from test_export import _same_outputs
 
 CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "yesno": 1 / 2, "followup": 1 / 5, "description": 1 / 120}
 
+
+
+@pytest.fixture(scope="module")
+def quick_toyworld(tmp_path_factory):
+    """A `seechat toyworld build --quick` output (about a minute), for the tests below that need a trained model."""
+    out = tmp_path_factory.mktemp("toyworld") / "toy"
+    return out, build(out, seed=0, quick=True)
 
 def test_splits_are_deterministic_and_heldout_combos_never_train():
     held = set(world.heldout_combos(0))
@@ -68,6 +80,20 @@ def test_quick_build_learns_and_a_second_run_reuses_it(quick_toyworld):
     assert again["test_accuracy"] == first["test_accuracy"] and again["this_run_seconds"] < 15
     line = json.loads((out / "data/test/captions.jsonl").read_text().splitlines()[0])
     assert (out / "data/test" / line["image"]).is_file() and line["caption"].startswith("一个")
+
+
+def test_export_of_the_toy_model_gives_the_same_answers(quick_toyworld, tmp_path):
+    """Here, not in test_export.py: `make test` sends each file to one pytest-xdist worker (--dist loadfile),
+    so the quick build is made once."""
+    out, _ = quick_toyworld
+    model = seechat.load(out / "model", device="cpu")
+    export_llava(model, tmp_path / "toy_llava")
+    test = out / "data" / "test"
+    lines = [json.loads(line) for line in (test / "qa.jsonl").read_text().splitlines()]
+    for item in [x for x in lines if not x.get("history")][:6]:
+        theirs, ours = _same_outputs(model, tmp_path / "toy_llava", load_image(test / item["image"]),
+                                     item["question"], tokens=16)
+        assert theirs == ours
 
 
 MICRO = Plan(n_train=64, n_val=8, n_test=4, n_heldout=4, clip_steps=4, clip_batch=8, lm_steps=4, lm_batch=8,
