@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two pytest-xdist workers, one per core (TEST_WORKERS=0: one process), each test file in one worker (so a
-# session fixture such as the quick toy-world build is made once).
+# file's shared fixture, such as test_toyworld.py's quick build, is made once).
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -18,12 +18,12 @@ from test_export import _same_outputs
 CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "yesno": 1 / 2, "followup": 1 / 5, "description": 1 / 120}
 
 
-
 @pytest.fixture(scope="module")
 def quick_toyworld(tmp_path_factory):
     """A `seechat toyworld build --quick` output (about a minute), for the tests below that need a trained model."""
     out = tmp_path_factory.mktemp("toyworld") / "toy"
     return out, build(out, seed=0, quick=True)
+
 
 def test_splits_are_deterministic_and_heldout_combos_never_train():
     held = set(world.heldout_combos(0))
