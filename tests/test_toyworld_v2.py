@@ -399,3 +399,21 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
     (tmp_path / "data/test/qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     result = check(tmp_path, {"test": scenes}, n=6)
     assert sum(len(v) for v in [result]) >= 1 and all(k.startswith("test:") and 0 <= v <= 1 for k, v in result.items())
+
+
+def test_shift_scenes_redrawn_by_matplotlib_keep_each_shape_where_and_how_the_scene_says(tmp_path, capsys):
+    from seechat.toyworld.v2 import redraw
+
+    scenes = world.sample_scenes(0, "shift", 12, multi=1.0, style=world.SHIFT)
+    for scene in scenes:
+        img = redraw.matplotlib_picture(scene)
+        assert img.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and img.mode == "RGB"
+        for s in scene.shapes:  # the centre pixel in the shape's own colour (no noise: within rounding)
+            centre = img.getpixel((int(s.centre[0]), int(s.centre[1])))
+            assert max(abs(a - b) for a, b in zip(centre, s.rgb)) <= 3, (s.name, centre, s.rgb)
+        assert redraw.picture(scene, "beyond").tobytes() != redraw.picture(scene, "train").tobytes()
+    for argv, needle in (([str(tmp_path)], "is not a finished toy world v2 build"),
+                         ([str(tmp_path), "--renderers", "povray"], "unknown renderer(s) ['povray']")):
+        with pytest.raises(SystemExit) as stop:
+            redraw.main(argv)
+        assert stop.value.code == 2 and needle in capsys.readouterr().err

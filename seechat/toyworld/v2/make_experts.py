@@ -3,12 +3,12 @@ text expert (GLM, pretrained on `SceneSlots`) that `seechat toyworld build --wor
 build would stitch experts fetched from a hub.
 
     python -m seechat.toyworld.v2.make_experts [--dest ~/.cache/seechat/toyworld_v2_experts] [--work DIR] [--lm-steps N]
-                                               [--clip-wide 0.5] [--device cuda]
+                                               [--clip-wide 0.3333] [--device cuda]
     python -m seechat.toyworld.v2.make_experts --pack DIR    # ship the experts made in DIR with seechat
 
 seechat ships a pair in fp16 (`build.SHIPPED`, written by `--pack`); a build makes its own only when those no
 longer fit this seechat (another recipe or answers version). They are made by the build's own data, vision and llm
-phases (Plan(experts="train")), for longer than a build can afford (about 90 minutes on 2 cores); DEST/made.json
+phases (Plan(experts="train")), for longer than a build can afford (`build.MAKING`); DEST/made.json
 records the plan, the seed, the seconds each phase took, the threads it had and the device.
 `--device cuda` pretrains the text expert on a GPU (the vision expert stays on the CPU, where its pictures are
 drawn): 9,000 steps took 410 s on an H200 shared by six such runs, against 1,864 s on 2 CPU cores. Numbers
