@@ -23,8 +23,9 @@ from PIL import Image
 from . import world
 
 RENDERERS = ("train", "beyond", "matplotlib")
-BEYOND = dataclasses.replace(world.SHIFT, noise=(16, 20), blur=(1.2, 1.5), jpeg=(12, 20))
-"""Shift's settings with noise, blur and JPEG quality past WIDE's (noise to 16, blur to 1.2, JPEG down to 20)."""
+BEYOND = dataclasses.replace(world.SHIFT, noise=(world.WIDE.noise[1], 20), blur=(world.WIDE.blur[1], 1.5),
+                             jpeg=(12, world.WIDE.jpeg[0]))
+"""Shift's settings with noise, blur and JPEG quality past WIDE's limits (noise 16-20, blur 1.2-1.5, quality 12-20)."""
 
 
 def matplotlib_picture(scene: world.Scene) -> Image.Image:

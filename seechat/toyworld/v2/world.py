@@ -106,7 +106,7 @@ SHIFT = Style(size=(8, 33), rotation=18, antialias=0.5, noise=(9, 12), blur=(0.7
               backgrounds=("horizontal", "diagonal", "dark_tint"), colour_jitter=26, degrade=1.0)
 WIDE = Style(size=(7, 36), rotation=30, antialias=0.5, noise=(0, 16), blur=(0, 1.2), jpeg=(20, 95),
              backgrounds=("plain", "tinted", "vertical", "horizontal", "diagonal", "dark_tint"), colour_jitter=30)
-"""A variety a toy vision expert can be pretrained on besides TRAIN (`Plan.clip_wide`, not in the shipped recipe),
+"""A variety a toy vision expert can be pretrained on besides TRAIN (`Plan.clip_wide`: a third of recipe 5's pictures),
 as a real vision expert has seen far more kinds of pictures than the data it is later stitched on: every setting
 the renderer has, at round limits of its own, not chosen from what the build's splits hold: sizes from about 1/9
 to 0.56 of the picture, rotations to 30 degrees (RandAugment's largest), noise to 16 on every picture, blur to
