@@ -224,12 +224,37 @@ def test_the_vision_expert_sees_every_picture_once():
     wide = FreshScenes(0, processor, wide=0.5)(40)[1]
     assert 8 <= sum(s.style is world.WIDE for s in wide) <= 32
     assert all(s.style in (world.WIDE, world.TRAIN) for s in wide)
+    # the second stretch of pretraining (`Plan.clip_more_steps`) draws from a stream of its own
+    more = FreshScenes(0, processor, stream="clip-more")(40)[1]
+    assert sum(a.caption() == b.caption() for a, b in zip(more, s1)) < 10
     w, sh = world.WIDE, world.SHIFT
     assert w.size[0] <= sh.size[0] and w.size[1] >= sh.size[1] and w.rotation >= sh.rotation
     assert w.noise[1] >= sh.noise[1] and w.blur[1] >= sh.blur[1] and w.jpeg[0] <= sh.jpeg[0]
     assert set(sh.backgrounds) <= set(w.backgrounds) and w.colour_jitter >= sh.colour_jitter
     rgb = [c[0] for c in world.COLOURS.values()]
     assert min(max(abs(x - y) for x, y in zip(a, b)) for i, a in enumerate(rgb) for b in rgb[i + 1:]) >= 2 * w.colour_jitter
+
+
+def test_the_vision_expert_pretrained_further_starts_from_the_saved_one(tmp_path):
+    """`train_clip(init=...)` (`Plan.clip_more_steps`): the saved CLIPModel goes on training as it was saved, its
+    position embeddings not drawn anew; its dense heads are new, so their first losses are high again."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from seechat.toyworld.v2.experts import ExpertSizes, FreshScenes, make_tokenizers, train_clip
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    _, clip_tok = make_tokenizers([s.caption() for s in world.sample_scenes(0, "train", 60, multi=0.5)])
+    kw = dict(sizes=ExpertSizes(patch_size=8), batch=4, seed=0, nothing=True)
+    train_clip(tmp_path / "a", FreshScenes(0, processor), clip_tok, steps=2, **kw)
+    train_clip(tmp_path / "b", FreshScenes(0, processor, stream="more"), clip_tok, steps=0, init=tmp_path / "a", **kw)
+    losses, _ = train_clip(tmp_path / "c", FreshScenes(0, processor, stream="more"), clip_tok, steps=1,
+                           init=tmp_path / "a", **kw)
+    a, b, c = (CLIPModel.from_pretrained(tmp_path / n).state_dict() for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pos = "vision_model.embeddings.position_embedding.weight"
+    assert not torch.equal(a[pos], c[pos]) and (a[pos] - c[pos]).abs().max() < 0.05  # one small step on from a
+    assert a[pos].std() > 0.2  # drawn at std 0.5 when made, not at Hugging Face's 0.02
+    assert losses[0] > 3
 
 
 def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, capsys):
@@ -242,7 +267,8 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     from seechat.toyworld.v2 import build as v2build
 
     micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
-                         n_multi=1, clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, align_steps=2, align_batch=4,
+                         n_multi=1, clip_steps=3, clip_more_steps=2, clip_batch=8, lm_steps=3, lm_batch=8,
+                         align_steps=2, align_batch=4,
                          instruct_steps=2, instruct_batch=4, max_new_tokens=24,
                          group_by_length=True)
     # no pretrained experts on this machine yet: the build makes them once (`make_experts`, here with the micro

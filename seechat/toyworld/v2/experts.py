@@ -144,9 +144,10 @@ class FreshScenes:
     heart. Drawing and rendering a picture takes about 1.2 ms, a few times less than a training step spends
     on it."""
 
-    def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0, wide: float = 0.0):
-        self.rng = random.Random(f"clip:{seed}")
-        self.jitter = random.Random(f"clip-augment:{seed}")  # its own stream: the scenes stay those without it
+    def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0, wide: float = 0.0,
+                 stream: str = "clip"):
+        self.rng = random.Random(f"{stream}:{seed}")
+        self.jitter = random.Random(f"{stream}-augment:{seed}")  # its own stream: the scenes stay those without it
         self.combos = world.training_combos(seed)
         self.processor, self.multi, self.augment, self.wide = processor, multi, augment, wide
 
@@ -177,7 +178,7 @@ def photometric(image, rng: random.Random):
 def train_clip(out: Path, batches, tokenizer, *,
                sizes: ExpertSizes, steps: int, batch: int, seed: int, lr: float = 1e-3, image_processor=None,
                full_caption_share: float = 0.4, position_std: float = 0.5, dense_weight: float = 1.0,
-               kind_weight: float = 1.0, nothing: bool = False, progress=None,
+               kind_weight: float = 1.0, nothing: bool = False, progress=None, init: Path | None = None,
                heldout: dict[str, tuple[torch.Tensor, list[world.Scene]]] | None = None
                ) -> tuple[list[float], dict[str, dict[str, float]]]:
     """CLIPModel training on the world's pictures, `batches(n)` -> (pixel values, scenes) of n pictures (a
@@ -190,7 +191,7 @@ def train_clip(out: Path, batches, tokenizer, *,
     column); and a dense one on the last layer's patch features (what the bridge reads): each patch says
     whether a shape's centre lies in it, its colour, kind and box. The dense head is dropped after training
     (a toy stand-in for the detection data real vision experts have seen); the saved model is a plain
-    CLIPModel.
+    CLIPModel. With `init` (a saved CLIPModel), training goes on from it, its dense heads learnt anew.
     """
     from transformers import CLIPConfig, CLIPModel
 
@@ -205,14 +206,14 @@ def train_clip(out: Path, batches, tokenizer, *,
                            image_size=world.IMAGE_SIZE, patch_size=sizes.patch_size),
         projection_dim=64,
     )
-    model = CLIPModel(config)
+    model = CLIPModel.from_pretrained(init) if init is not None else CLIPModel(config)
     grid = 4  # what the bridge reads: the patches themselves (patch 16) or 2x2-pooled (patch 8)
     head = DenseHeads(sizes.vision_hidden, {"kind": kind_weight}, nothing)
     with torch.no_grad():
         # Hugging Face initialises position embeddings at std 0.02, far below the patch embeddings, so where
         # a shape sits is nearly invisible at first and position is learned last; start them comparable.
-        emb = model.vision_model.embeddings
-        emb.position_embedding.weight.normal_(std=position_std)
+        if init is None:
+            model.vision_model.embeddings.position_embedding.weight.normal_(std=position_std)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
