@@ -195,6 +195,34 @@ def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():
     assert nothing.loss(torch.zeros(1, 17, 32), t)[1]["colour"] == 0.0
 
 
+def test_region_questions_in_training_may_ask_about_a_box_drawn_a_pixel_off():
+    """`Plan.region_jitter`: the box asked about moves by at most `jitter` pixels a side, stays a box inside the
+    picture, and the answer still walks the shapes with their own boxes to the one asked about; without jitter
+    the question (and the random stream after it) is as before."""
+    import random
+
+    from seechat.boxes import parse_boxes
+
+    scenes = world.sample_scenes(0, "train", 200, multi=1.0)
+    moved_any = 0
+    for k, scene in enumerate(scenes):
+        plain, again = world.region(scene, random.Random(k)), world.region(scene, random.Random(k), jitter=0)
+        assert plain == again
+        shape = next(s for s in scene.shapes if s.name == plain["label"])
+        assert world.box_text(shape.box, 64, 64) in plain["question"]
+        q = world.region(scene, random.Random(k), jitter=2)
+        assert q["answer"] == plain["answer"] and q["label"] == plain["label"]
+        (b,) = parse_boxes(q["question"])
+        pixels = [v * 64 / 1000 for v in (b.x1, b.y1, b.x2, b.y2)]
+        assert all(abs(p - v) <= 2.05 for p, v in zip(pixels, shape.box))
+        moved_any += any(abs(p - v) > 0.5 for p, v in zip(pixels, shape.box))
+    assert moved_any > 150
+    rng = random.Random(0)
+    for _ in range(2000):  # never inside out, never outside the picture
+        x0, y0, x1, y1 = world.moved((0, 62, 1, 64), rng, 3)
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+
+
 def test_the_vision_expert_sees_every_picture_once():
     """`FreshScenes`: every call draws and renders new scenes of the training mix (one shape or 2-4, never a
     held-out colour x shape pair), as the processor's pixel values in the order of the scenes returned."""

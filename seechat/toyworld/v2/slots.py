@@ -78,12 +78,13 @@ def _embed(model, processor, input_ids: torch.Tensor, filled: torch.Tensor | Non
     return place_images(model.get_input_embeddings(), input_ids, input_ids == processor.image_token_id, flat)
 
 
-def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt: str) -> Iterator[tuple[Record, list]]:
+def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt: str,
+                  jitter: int = 0) -> Iterator[tuple[Record, list]]:
     """Endless training records, each over scenes drawn anew (never a picture twice), with their scenes: Stage I
     captions with every box (asked with `prompt`), Stage II conversations about one picture and conversations
     over 2-3 one-shape pictures and text-only conversations (`world.in_words`), in the proportions `weights`.
     Half the scenes hold 2-4 shapes, as in the build's training split; held-out colour x shape pairs never
-    appear."""
+    appear. Region questions ask about boxes moved by up to `jitter` pixels a side (`Plan.region_jitter`)."""
     from ...data.sources import caption_record, llava_record
 
     combos = world.training_combos(seed)
@@ -96,10 +97,10 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
             yield caption_record(s.grounded(), "0.png", "slots", [prompt], rng), [s]
         elif what == "one":
             s = world.any_scene(rng, combos)
-            yield llava_record({"id": "slots", "image": "0.png", "conversations": world.conversation(s, rng)},
+            yield llava_record({"id": "slots", "image": "0.png", "conversations": world.conversation(s, rng, jitter)},
                                "slots"), [s]
         elif what == "text":
-            yield llava_record({"id": "slots", "conversations": world.in_words(rng, combos)}, "slots"), []
+            yield llava_record({"id": "slots", "conversations": world.in_words(rng, combos, jitter)}, "slots"), []
         else:
             scenes = [world.one_shape(rng, combos) for _ in range(rng.choice([2, 2, 3]))]
             convo = {"id": "slots", "image": [f"{i}.png" for i in range(len(scenes))],
@@ -110,7 +111,7 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
 def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, batch: int, seed: int,
                        weights: tuple[float, float, float, float], prompt: str, lr: float = 3e-3, noise: float = 0.2,
                        image_start: str = "", cls: bool = False, info: dict | None = None,
-                       max_positions: int = 1024, progress=None, device: str = "cpu") -> list[float]:
+                       max_positions: int = 1024, progress=None, device: str = "cpu", jitter: int = 0) -> list[float]:
     """Pretrain a GLM-architecture text expert on `fresh_records` (seechat's Stage I/II records over scenes
     drawn anew each step) with each picture's place filled by `SceneSlots`; the loss on the answers only.
     Fresh scenes because on a fixed set (the build's 10,000 training pictures) it learnt them by heart: after
@@ -118,7 +119,8 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     Gaussian noise of `noise` times the slots' spread is added to them, so that the text expert reads what is
     near a slot as that slot (the bridge will never hit them exactly). Saves the model with its tokenizer,
     and the slots (for `check`) in OUT/slots.safetensors, with `info` (the build's plan and seed) in
-    OUT/slots.json. `device`: where it trains ("cuda": the pictures are still drawn on the CPU)."""
+    OUT/slots.json. `device`: where it trains ("cuda": the pictures are still drawn on the CPU). `jitter`: region
+    questions' boxes moved by up to that many pixels a side."""
     from safetensors.torch import save_file
 
     from ...data.datasets import Collator
@@ -127,7 +129,7 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     model = new_llm(tokenizer, sizes, max_positions).to(device)
     slots = SceneSlots(sizes.llm_hidden, cls=cls).to(device)
     processor = _processor(tokenizer, image_start, cls)
-    draw = fresh_records(seed, weights, prompt)
+    draw = fresh_records(seed, weights, prompt, jitter)
     collate = Collator(tokenizer.pad_token_id)  # the training collator's right padding
     params = [*model.parameters(), *slots.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)

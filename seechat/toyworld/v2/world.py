@@ -357,8 +357,9 @@ def _marked(shapes: list[Shape], hit, running: bool = False, boxed: bool = False
     return _listing(out), k
 
 
-def questions(scene: Scene, rng: random.Random, held_out: bool = False) -> list[dict]:
-    """One question of each single-turn type that fits the scene, with its answer (and boxes where asked)."""
+def questions(scene: Scene, rng: random.Random, held_out: bool = False, jitter: int = 0) -> list[dict]:
+    """One question of each single-turn type that fits the scene, with its answer (and boxes where asked); region
+    questions ask about a box moved by up to `jitter` pixels a side (`region`)."""
     out = []
     if len(scene.shapes) == 1:
         for qtype in ("colour", "shape", "position"):
@@ -371,7 +372,7 @@ def questions(scene: Scene, rng: random.Random, held_out: bool = False) -> list[
     out.append(exist(scene, rng, held_out))
     out.append(refer(scene, rng, held_out))
     out.append(detect(scene, rng, held_out))
-    out.append(region(scene, rng, held_out))
+    out.append(region(scene, rng, held_out, jitter))
     return out
 
 
@@ -453,7 +454,14 @@ def detect(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
             "boxes": [list(s.box) for s in found], "label": what}
 
 
-def region(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
+def moved(box: tuple[int, int, int, int], rng: random.Random, jitter: int) -> tuple[int, int, int, int]:
+    """`box` with each side moved by up to `jitter` pixels (a box drawn by hand, or read a pixel off), inside the
+    picture and never turned inside out."""
+    x0, y0, x1, y1 = (min(IMAGE_SIZE, max(0, v + rng.randint(-jitter, jitter))) for v in box)
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else box
+
+
+def region(scene: Scene, rng: random.Random, held_out: bool = False, jitter: int = 0) -> dict:
     """What is in a box, found as the answer walks the shapes in reading order, each with its box and its
     check against the box asked about, then the decision:
     图中是红色的圆形<box>…</box>（不是）和蓝色的星形<box>…</box>（是），所以是一个蓝色的星形。
@@ -472,7 +480,7 @@ def region(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
     not compare the box asked about with each shape's box closely enough; with every box holding a shape, it had
     only to pick one."""
     s = rng.choice(scene.shapes)
-    asked = box_text(s.box, IMAGE_SIZE, IMAGE_SIZE)
+    asked = box_text(moved(s.box, rng, jitter) if jitter else s.box, IMAGE_SIZE, IMAGE_SIZE)
     listed = _listing([f"{t.name}{box_text(t.box, IMAGE_SIZE, IMAGE_SIZE)}（{'是' if t is s else '不是'}）"
                        for t in sorted(scene.shapes, key=_reading_order)])
     return {"type": "region", "question": _ask(rng, "region", held_out, asked),
@@ -487,12 +495,12 @@ def followup(scene: Scene, rng: random.Random, held_out: bool = False) -> dict:
             "question": FOLLOWUP[second], "answer": answer(scene, second)}
 
 
-def conversation(scene: Scene, rng: random.Random) -> list[dict]:
+def conversation(scene: Scene, rng: random.Random, jitter: int = 0) -> list[dict]:
     """A training conversation about one picture: 2-5 turns mixing the kinds of question that fit it.
 
     One-shape scenes: yes/no questions (which need a comparison) in every conversation, follow-ups often.
     """
-    turns = [t for t in questions(scene, rng) if t["type"] != "yesno"]
+    turns = [t for t in questions(scene, rng, jitter=jitter) if t["type"] != "yesno"]
     rng.shuffle(turns)
     turns = turns[: rng.randint(2, 4)]
     if len(scene.shapes) == 1:
@@ -603,7 +611,7 @@ def multi_conversation(scenes: list[Scene], rng: random.Random) -> list[dict]:
     return msgs
 
 
-def in_words(rng: random.Random, combos: list[tuple[str, str]]) -> list[dict]:
+def in_words(rng: random.Random, combos: list[tuple[str, str]], jitter: int = 0) -> list[dict]:
     """A text-only conversation (no picture): what one picture or 2-3 pictures hold, said in the question, then an
     existence, counting, region (the shapes told with their boxes) or comparison question answered in the words of
     the answers about pictures. The text expert is pretrained on these beside conversations about pictures, as a
@@ -615,7 +623,7 @@ def in_words(rng: random.Random, combos: list[tuple[str, str]]) -> list[dict]:
         boxed = ask is region  # which shape a box holds: the shapes told with their boxes
         told = "图中是" + _listing([s.name + (box_text(s.box, IMAGE_SIZE, IMAGE_SIZE) if boxed else "")
                                   for s in sorted(scene.shapes, key=_reading_order)]) + "。"
-        rec = ask(scene, rng)
+        rec = region(scene, rng, jitter=jitter) if boxed else ask(scene, rng)
     else:
         scenes = [one_shape(rng, combos) for _ in range(rng.choice([2, 2, 3]))]
         told = "，".join(f"{ORDINALS[k]}是{s.main.name}" for k, s in enumerate(scenes)) + "。"
