@@ -226,11 +226,10 @@ def test_region_questions_in_training_may_ask_about_a_box_drawn_a_pixel_off():
 def test_the_vision_expert_sees_every_picture_once():
     """`FreshScenes`: every call draws and renders new scenes of the training mix (one shape or 2-4, never a
     held-out colour x shape pair), as the processor's pixel values in the order of the scenes returned."""
-    from transformers import CLIPImageProcessor
-
+    from seechat.toyworld.v2.build import _clip_processor
     from seechat.toyworld.v2.experts import FreshScenes
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = _clip_processor()
     draw = FreshScenes(0, processor)
     (p1, s1), (p2, s2) = draw(40), draw(40)
     assert p1.shape == (40, 3, 64, 64) and len(s1) == 40
@@ -266,11 +265,12 @@ def test_the_vision_expert_sees_every_picture_once():
 def test_the_vision_expert_pretrained_further_starts_from_the_saved_one(tmp_path):
     """`train_clip(init=...)` (`Plan.clip_more_steps`): the saved CLIPModel goes on training as it was saved, its
     position embeddings not drawn anew; its dense heads are new, so their first losses are high again."""
-    from transformers import CLIPImageProcessor, CLIPModel
+    from transformers import CLIPModel
 
+    from seechat.toyworld.v2.build import _clip_processor
     from seechat.toyworld.v2.experts import ExpertSizes, FreshScenes, make_tokenizers, train_clip
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = _clip_processor()
     _, clip_tok = make_tokenizers([s.caption() for s in world.sample_scenes(0, "train", 60, multi=0.5)])
     kw = dict(sizes=ExpertSizes(patch_size=8), batch=4, seed=0, nothing=True)
     train_clip(tmp_path / "a", FreshScenes(0, processor), clip_tok, steps=2, **kw)
