@@ -139,7 +139,7 @@ def test_pictures_drawn_on_every_core_are_the_ones_each_scene_draws(tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i:05d}.png")), np.asarray(scenes[i].render())), i
 
 
-def test_answers_that_work_to_a_decision_are_judged_by_it():
+def test_answers_that_work_to_a_decision_or_list_shapes_are_judged_by_what_they_say():
     from seechat.toyworld.v2.evaluate import judge
 
     rec = {"type": "counting", "answer": "数的是红色的。图中是红色的圆形（一）和蓝色的星形（不是），共一个。"}
@@ -161,6 +161,13 @@ def test_answers_that_work_to_a_decision_are_judged_by_it():
     assert interval95(155, 160) == [0.9289, 0.9866]
     # other types still need the whole answer
     assert not judge({"type": "description", "answer": "一个红色的圆形在中间。"}, "一个红色的圆形在左上角。")[0]
+    # a description of several shapes: how many, and the same shapes in any order
+    several = {"type": "description", "answer": "图中有三个图形：红色的圆形、蓝色的星形和红色的圆形。"}
+    assert judge(several, "图中有三个图形：蓝色的星形、红色的圆形和红色的圆形。")[0]
+    assert not judge(several, "图中有三个图形：蓝色的星形、蓝色的星形和红色的圆形。")[0]  # one shape named twice
+    assert not judge(several, "图中有两个图形：红色的圆形和蓝色的星形。")[0]
+    assert not judge(several, "图中有三个图形：红色的圆形、蓝色的星形、红色的圆形和绿色的三角形。")[0]
+    assert not judge(several, "一个红色的圆形在中间。")[0]
 
 
 def test_box_coordinates_are_one_token_and_dense_targets_match_the_scene():

@@ -3,7 +3,10 @@
 A text answer is right when it equals the expected one, except that an answer which works its way to a
 decision (existence, counting, yes/no, region, several-picture comparison: what is there, each checked, then
 所以有。 / 共两个。 / 所以是一个红色的圆形。 / 所以是第二张。) is right when its decision, the clause after its last
-comma, is: the question asked for the decision, as a counting benchmark reads the number. `per_type_exact` keeps the whole-answer rates. A
+comma, is: the question asked for the decision, as a counting benchmark reads the number. A description of
+several shapes (图中有三个图形：…、…和…。) is right when it says how many there are and lists the same shapes,
+in any order: the order it is taught (rows of 16-pixel cells, then left to right) turns on which side of a
+cell's edge a centre lies, which a picture need not show. `per_type_exact` keeps the whole-answer rates. A
 refer-to-box answer is right when its first box has IoU >= 0.5 with the shape's box; a detect-all answer when
 it gives exactly as many boxes as there are shapes of that kind and each matches a distinct one at IoU >= 0.5
 (or says there is none, when there is none).
@@ -12,6 +15,7 @@ it gives exactly as many boxes as there are shapes of that kind and each matches
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ...boxes import iou, match, parse_boxes
@@ -22,6 +26,8 @@ from . import world
 
 DECIDED = ("counting", "exist", "yesno", "compare", "region")
 """Types whose answers work their way to a decision in their last clause."""
+LISTED = ("description", "later")
+"""Types whose answers describe a picture: several shapes are judged as a listing in any order (`listing`)."""
 
 
 def interval95(right: int, n: int) -> list[float]:
@@ -35,6 +41,15 @@ def interval95(right: int, n: int) -> list[float]:
 def decision(answer: str) -> str:
     """The clause after an answer's last comma, without the full stop: 所以有 / 共两个 / 一个也没有."""
     return answer.strip().rstrip("。").rsplit("，", 1)[-1]
+
+
+def listing(answer: str) -> tuple[str, list[str]] | None:
+    """A description of several shapes as (how many it says there are, the shapes it lists, sorted); None for
+    any other answer."""
+    head, colon, listed = answer.strip().rstrip("。").partition("：")
+    if not colon or not head.startswith("图中有"):
+        return None
+    return head, sorted(re.split("[、和]", listed))
 
 
 def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
@@ -51,6 +66,8 @@ def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
         return len(predicted) == len(truth) == match(predicted, truth), None
     if record["type"] in DECIDED:
         return decision(prediction) == decision(record["answer"]), None
+    if record["type"] in LISTED and listing(record["answer"]) is not None:
+        return listing(prediction) == listing(record["answer"]), None
     return prediction.strip() == record["answer"].strip(), None
 
 
