@@ -17,7 +17,7 @@ import seechat
 from seechat.data.datasets import Collator, IndexedDataset, StreamDataset
 from seechat.data.sources import BadSample, DataSource, IndexedSource, _json_array_offsets, stream_records
 from seechat.errors import ConfigError
-from seechat.train.config import load_config
+from seechat.train.config import DataConfig, TrainConfig, load_config
 from seechat.__main__ import main
 from seechat.train.run import train
 from seechat.train.trainer import BadDataError, checkpoint_backend, complete_checkpoints
@@ -179,3 +179,32 @@ def test_speed_switches_give_the_loss_and_gradients_of_the_plain_forward(experts
     model.encode_images(Collator(0)(samples)["pixel_values"])
     assert calls == [] and len(model.vision.model.encoder.layers) == 2  # skipped, then put back
     hook.remove()
+
+
+def test_feature_noise_perturbs_the_bridge_input_in_training_only(experts, tmp_path):
+    model = seechat.build(seechat.tiny.tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"]), device="cpu")
+    feats = 3 * torch.randn(4, model.vision.num_tokens, model.vision.hidden_size)
+    feats[0] *= 10  # a token's noise follows its own size
+    seen = []
+    model.bridge.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    model.train()
+    plain = model.project(feats)
+    model.feature_noise = 0.2
+    noisy, again = model.project(feats), model.project(feats)
+    assert not torch.allclose(noisy, plain) and not torch.allclose(noisy, again)  # new noise every step
+    size = feats.pow(2).mean(-1, keepdim=True).sqrt()
+    ratio = (seen[1] - feats) / size  # what the bridge read, against the features
+    assert 0.18 < ratio.std().item() < 0.22 and abs(ratio.mean().item()) < 0.02
+    assert 0.18 < ratio[0].std().item() < 0.22  # the large picture's tokens too
+    with torch.no_grad():  # answering: never
+        assert torch.allclose(model.project(feats), plain)
+    model.eval()
+    assert torch.allclose(model.project(feats), plain)
+    model.train()
+    model.feature_noise = 0.0
+    assert torch.allclose(model.project(feats), plain)
+    (tmp_path / "a.jsonl").write_text("")
+    data = DataConfig(train=[DataSource(str(tmp_path / "a.jsonl"))])
+    assert TrainConfig(output_dir="x", init_from="y", data=data, feature_noise=0.15).feature_noise == 0.15
+    with pytest.raises(ConfigError, match="feature_noise"):
+        TrainConfig(output_dir="x", init_from="y", data=data, feature_noise=-1)

@@ -46,6 +46,8 @@ class SeeChat(nn.Module):
         self.image_token_id = processor.image_token_id
         self.supervised_head = False
         """Training: compute the output layer and loss only where labels are set (seechat train turns it on)."""
+        self.feature_noise = 0.0
+        """Training: noise on the vision features before the bridge, a share of each token's size (TrainConfig's)."""
 
     # -- properties -----------------------------------------------------------------------------------
     @property
@@ -79,7 +81,11 @@ class SeeChat(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(n, vision tokens, vision hidden) features of the vision expert -> (n, num_image_tokens, llm_hidden)."""
         bridge_dtype = next(self.bridge.parameters()).dtype
-        return self.bridge(features.to(bridge_dtype)).to(self.dtype)
+        features = features.to(bridge_dtype)
+        if self.training and self.feature_noise and torch.is_grad_enabled():
+            size = features.float().pow(2).mean(-1, keepdim=True).sqrt().to(bridge_dtype)
+            features = features + self.feature_noise * size * torch.randn_like(features)
+        return self.bridge(features).to(self.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with the image embeddings scattered into the image-token positions, in order.

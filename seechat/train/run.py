@@ -150,6 +150,7 @@ def train(stage: str, cfg: TrainConfig, callbacks: list | None = None) -> TrainR
         raise ConfigError("quantize is for Stage II (QLoRA); Stage I keeps the text expert frozen anyway")
     speed = cfg.speed
     model.supervised_head = speed.supervised_head
+    model.feature_noise = cfg.feature_noise
     model.vision.only_needed_layers = speed.vision_only_needed_layers
     if speed.attn_implementation:
         try:
