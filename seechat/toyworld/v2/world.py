@@ -480,6 +480,7 @@ def region(scene: Scene, rng: random.Random, held_out: bool = False, jitter: int
     not compare the box asked about with each shape's box closely enough; with every box holding a shape, it had
     only to pick one."""
     s = rng.choice(scene.shapes)
+    # no draw at all without jitter (randint(0, 0) still consumes the stream): the data stays as it was
     asked = box_text(moved(s.box, rng, jitter) if jitter else s.box, IMAGE_SIZE, IMAGE_SIZE)
     listed = _listing([f"{t.name}{box_text(t.box, IMAGE_SIZE, IMAGE_SIZE)}（{'是' if t is s else '不是'}）"
                        for t in sorted(scene.shapes, key=_reading_order)])
