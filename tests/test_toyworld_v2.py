@@ -423,7 +423,8 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
     from seechat.toyworld.experts import ExpertSizes
     from seechat.toyworld.v2.build import _all_texts
     from seechat.toyworld.v2.experts import dense_targets, make_tokenizers
-    from seechat.toyworld.v2.slots import SceneSlots, check, fresh_records, train_llm_on_slots
+    from seechat.toyworld.experts import new_llm
+    from seechat.toyworld.v2.slots import SceneSlots, check, fresh_records, number_code, train_llm_on_slots
 
     scenes = world.sample_scenes(0, "test", 24)
     a = scenes[0]
@@ -433,6 +434,14 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
         with torch.no_grad():
             x, y = SceneSlots(16, cls=cls)(dense_targets([a, b], 4))
         assert x.shape == (16 + cls, 16) and sorted({int(i) for i in (x - y).abs().sum(-1).nonzero()}) == expected
+    # slot_mix: only a shape's own patch moves, by at most `mix` of the way to another colour and another kind
+    slots, t = SceneSlots(16), dense_targets(scenes[:8], 4)
+    with torch.no_grad():
+        clean, blended = slots(t), slots(t, 0.4)
+        reach = max(torch.cdist(e.weight, e.weight).max() for e in (slots.colour, slots.kind))
+    moved = (blended - clean).norm(dim=-1)
+    assert torch.equal(moved > 0, t["obj"] > 0) and moved.max() <= 2 * 0.4 * reach
+    assert torch.equal(slots(t, 0.0), clean)
 
     # fresh records: a new scene every time, the three kinds in their proportions, held-out pairs never drawn
     drawn = list(itertools.islice(fresh_records(0, (2, 1, 1, 1), "描述"), 250))
@@ -448,6 +457,17 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
     assert len({repr(s.shapes) for _, sc in drawn for s in sc}) == sum(len(sc) for _, sc in drawn)
 
     tok, _ = make_tokenizers(_all_texts(0)[:400])
+    # number_code: the box coordinates' tokens start nearer the nearer their values, other tokens as they were
+    torch.manual_seed(0)
+    fresh = new_llm(tok, ExpertSizes(llm_hidden=32, llm_layers=1), 64)
+    before = fresh.get_input_embeddings().weight.detach().clone()
+    assert number_code(fresh, tok) >= 20
+    after = fresh.get_input_embeddings().weight.detach()
+    values = {i: int(t) for t, i in tok.get_vocab().items() if re.fullmatch("[1-9][0-9]*|0", t) and int(t) <= 1000}
+    assert {i for i in range(len(before)) if not torch.equal(before[i], after[i])} == set(values)
+    near = [float(after[i] @ after[j]) for i in values for j in values if 0 < abs(values[i] - values[j]) <= 16]
+    far = [float(after[i] @ after[j]) for i in values for j in values if abs(values[i] - values[j]) >= 250]
+    assert near and far and min(near) > max(far)
     rng = random.Random(0)
     names = {f"images/{i:05d}.png": s for i, s in enumerate(scenes)}
     losses = train_llm_on_slots(tmp_path / "llm", tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1),
