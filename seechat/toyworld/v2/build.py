@@ -128,7 +128,10 @@ class Plan:
     (the text expert made anew, 3,037 s; recipe 5's vision expert): seed 0 val 92.7%, test 94.3%, shift 91.0%
     (description 88.8%, region 81.2%) against 97.1%, 97.6%, 94.0% (85.0%, 85.0%); not kept."""
     number_code: bool = False
-    """With llm_reads "slots": the text expert's number tokens start from a code of their value (`slots.number_code`)."""
+    """With llm_reads "slots": the text expert's number tokens start from a code of their value (`slots.number_code`),
+    so that a box the stitched model writes a pixel off starts near the one asked about. Tried 2026-11-28 (made anew,
+    region questions about exact boxes; recipe 5's vision expert): seed 0 val 92.0%, test 90.9%, test / shift
+    region 80.0% / 78.8% against 97.1%, 97.6%, 87.5% / 85.0%, counting 87.5% against 100%; not kept."""
     lm_text_share: float = 0.15
     """With llm_reads "slots": share of text-only conversations (`world.in_words`) in the text expert's
     pretraining."""
