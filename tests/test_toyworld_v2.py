@@ -420,10 +420,9 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
 
     import itertools
 
-    from seechat.toyworld.experts import ExpertSizes
+    from seechat.toyworld.experts import ExpertSizes, new_llm
     from seechat.toyworld.v2.build import _all_texts
     from seechat.toyworld.v2.experts import dense_targets, make_tokenizers
-    from seechat.toyworld.experts import new_llm
     from seechat.toyworld.v2.slots import SceneSlots, check, fresh_records, number_code, train_llm_on_slots
 
     scenes = world.sample_scenes(0, "test", 24)

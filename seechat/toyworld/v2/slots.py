@@ -57,9 +57,10 @@ class SceneSlots(torch.nn.Module):
         here = t["obj"].unsqueeze(-1)
         patch = here * self.shape + (1 - here) * self.empty + self.cell.weight
         for key, table in (("colour", self.colour), ("kind", self.kind), ("position", self.position)):
-            own = table(t[key].clamp(min=0))
+            index = t[key].clamp(min=0)
+            own = table(index)
             if mix > 0 and key != "position":
-                other = (t[key].clamp(min=0) + torch.randint_like(t[key], 1, table.num_embeddings)) % table.num_embeddings
+                other = (index + torch.randint_like(index, 1, table.num_embeddings)) % table.num_embeddings
                 weight = mix * torch.rand(t[key].shape, device=own.device).unsqueeze(-1)
                 own = (1 - weight) * own + weight * table(other)
             patch = patch + own * (t[key] >= 0).unsqueeze(-1)
@@ -151,7 +152,8 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     near a slot as that slot (the bridge will never hit them exactly). Saves the model with its tokenizer,
     and the slots (for `check`) in OUT/slots.safetensors, with `info` (the build's plan and seed) in
     OUT/slots.json. `device`: where it trains ("cuda": the pictures are still drawn on the CPU). `jitter`: region
-    questions' boxes moved by up to that many pixels a side. `mix`: `SceneSlots`' blending of colours and kinds. `numbers`: `number_code`."""
+    questions' boxes moved by up to that many pixels a side. `mix`: `SceneSlots`' blending of colours and kinds.
+    `numbers`: `number_code`."""
     from safetensors.torch import save_file
 
     from ...data.datasets import Collator
