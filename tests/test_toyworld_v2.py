@@ -302,7 +302,7 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     from seechat.toyworld.v2 import build as v2build
 
     micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
-                         n_multi=1, clip_steps=3, clip_more_steps=2, clip_batch=8, lm_steps=3, lm_batch=8,
+                         n_multi=1, clip_steps=3, clip_more_steps=2, clip_batch=8, lm_steps=3, lm_region_steps=2, lm_batch=8,
                          align_steps=2, align_batch=4,
                          instruct_steps=2, instruct_batch=4, max_new_tokens=24,
                          group_by_length=True)
@@ -474,6 +474,16 @@ def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them
                                 info={"seed": 0})
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
     assert json.loads((tmp_path / "llm/slots.json").read_text())["image_start"] == "图{n}："
+    # the region stretch: a share of region-only conversations about 2-4 shapes, and training goes on from the
+    # saved expert (its first losses where the first stretch ended, not a new model's)
+    drawn = list(itertools.islice(fresh_records(0, (1, 1, 0, 0), "描述", region_share=0.5, stream="r"), 200))
+    regional = [r for r, sc in drawn if all("所以是一个" in m["content"] for m in r.messages[1::2])]
+    assert 70 < len(regional) < 130 and all(1 <= len(r.messages) // 2 <= 2 for r in regional)
+    assert all(2 <= len(sc[0].shapes) <= 4 for r, sc in drawn if r in regional)
+    more = train_llm_on_slots(tmp_path / "llm", tok, sizes=ExpertSizes(llm_hidden=32, llm_layers=1), steps=5,
+                              batch=8, seed=0, weights=(1, 1, 0, 0), prompt="描述", image_start="图{n}：", lr=1e-4,
+                              init=tmp_path / "llm", region_share=0.5, stream="r")
+    assert sum(more) / 5 < 0.8 * sum(losses[:5]) / 5
     (tmp_path / "data/test").mkdir(parents=True)
     rows = [{"id": f"q{i}", "image": n, **q} for i, (n, s) in enumerate(names.items()) for q in world.questions(s, rng)[:2]]
     (tmp_path / "data/test/qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -88,18 +88,27 @@ def _embed(model, processor, input_ids: torch.Tensor, filled: torch.Tensor | Non
 
 
 def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt: str,
-                  jitter: int = 0) -> Iterator[tuple[Record, list]]:
+                  jitter: int = 0, region_share: float = 0.0, stream: str = "slots-fresh") -> Iterator[tuple[Record, list]]:
     """Endless training records, each over scenes drawn anew (never a picture twice), with their scenes: Stage I
     captions with every box (asked with `prompt`), Stage II conversations about one picture and conversations
     over 2-3 one-shape pictures and text-only conversations (`world.in_words`), in the proportions `weights`.
     Half the scenes hold 2-4 shapes, as in the build's training split; held-out colour x shape pairs never
-    appear. Region questions ask about boxes moved by up to `jitter` pixels a side (`Plan.region_jitter`)."""
+    appear. Region questions ask about boxes moved by up to `jitter` pixels a side (`Plan.region_jitter`).
+    `region_share` of the records (drawn apart, none when 0: the stream is then as before) are conversations of
+    1-2 region questions about a scene of 2-4 shapes (`Plan.lm_region_steps`); `stream` names the draw."""
     from ...data.sources import caption_record, llava_record
 
     combos = world.training_combos(seed)
-    rng = random.Random(f"slots-fresh:{seed}")
+    rng = random.Random(f"{stream}:{seed}")
 
     while True:
+        if region_share and rng.random() < region_share:
+            s = world.make_multi_scene(rng, combos, rng.randint(2, 4))
+            turns = [world.region(s, rng, jitter=jitter) for _ in range(rng.randint(1, 2))]
+            msgs = [{"from": f, "value": v} for i, t in enumerate(turns)
+                    for f, v in (("human", ("<image>\n" if i == 0 else "") + t["question"]), ("gpt", t["answer"]))]
+            yield llava_record({"id": "slots", "image": "0.png", "conversations": msgs}, "slots"), [s]
+            continue
         what = rng.choices(("align", "one", "several", "text"), weights)[0]
         if what == "align":
             s = world.any_scene(rng, combos)
@@ -143,7 +152,8 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
                        weights: tuple[float, float, float, float], prompt: str, lr: float = 3e-3, noise: float = 0.2,
                        image_start: str = "", cls: bool = False, info: dict | None = None,
                        max_positions: int = 1024, progress=None, device: str = "cpu", jitter: int = 0,
-                       mix: float = 0.0, numbers: bool = False) -> list[float]:
+                       mix: float = 0.0, numbers: bool = False, init: Path | None = None,
+                       region_share: float = 0.0, stream: str = "slots-fresh") -> list[float]:
     """Pretrain a GLM-architecture text expert on `fresh_records` (seechat's Stage I/II records over scenes
     drawn anew each step) with each picture's place filled by `SceneSlots`; the loss on the answers only.
     Fresh scenes because on a fixed set (the build's 10,000 training pictures) it learnt them by heart: after
@@ -153,19 +163,29 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     and the slots (for `check`) in OUT/slots.safetensors, with `info` (the build's plan and seed) in
     OUT/slots.json. `device`: where it trains ("cuda": the pictures are still drawn on the CPU). `jitter`: region
     questions' boxes moved by up to that many pixels a side. `mix`: `SceneSlots`' blending of colours and kinds.
-    `numbers`: `number_code`."""
+    `numbers`: `number_code`. `init`: a text expert saved here before (with its slots) to go on from instead of
+    a new one (`Plan.lm_region_steps`); `region_share`, `stream`: `fresh_records`'."""
     from safetensors.torch import save_file
 
     from ...data.datasets import Collator
 
     torch.manual_seed(seed)
-    model = new_llm(tokenizer, sizes, max_positions)
-    if numbers:
-        number_code(model, tokenizer)
+    if init is not None:
+        from safetensors.torch import load_file
+        from transformers import GlmForCausalLM
+
+        model = GlmForCausalLM.from_pretrained(init)
+        slots = SceneSlots(sizes.llm_hidden, cls=cls)
+        slots.load_state_dict(load_file(init / "slots.safetensors"))
+    else:
+        model = new_llm(tokenizer, sizes, max_positions)
+        if numbers:
+            number_code(model, tokenizer)
+        slots = SceneSlots(sizes.llm_hidden, cls=cls)
     model.to(device)
-    slots = SceneSlots(sizes.llm_hidden, cls=cls).to(device)
+    slots.to(device)
     processor = _processor(tokenizer, image_start, cls)
-    draw = fresh_records(seed, weights, prompt, jitter)
+    draw = fresh_records(seed, weights, prompt, jitter, region_share, stream)
     collate = Collator(tokenizer.pad_token_id)  # the training collator's right padding
     params = [*model.parameters(), *slots.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
