@@ -88,7 +88,8 @@ def _embed(model, processor, input_ids: torch.Tensor, filled: torch.Tensor | Non
 
 
 def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt: str,
-                  jitter: int = 0, region_share: float = 0.0, stream: str = "slots-fresh") -> Iterator[tuple[Record, list]]:
+                  jitter: int = 0, region_share: float = 0.0,
+                  stream: str = "slots-fresh") -> Iterator[tuple[Record, list]]:
     """Endless training records, each over scenes drawn anew (never a picture twice), with their scenes: Stage I
     captions with every box (asked with `prompt`), Stage II conversations about one picture and conversations
     over 2-3 one-shape pictures and text-only conversations (`world.in_words`), in the proportions `weights`.
@@ -105,9 +106,8 @@ def fresh_records(seed: int, weights: tuple[float, float, float, float], prompt:
         if region_share and rng.random() < region_share:
             s = world.make_multi_scene(rng, combos, rng.randint(2, 4))
             turns = [world.region(s, rng, jitter=jitter) for _ in range(rng.randint(1, 2))]
-            msgs = [{"from": f, "value": v} for i, t in enumerate(turns)
-                    for f, v in (("human", ("<image>\n" if i == 0 else "") + t["question"]), ("gpt", t["answer"]))]
-            yield llava_record({"id": "slots", "image": "0.png", "conversations": msgs}, "slots"), [s]
+            convo = {"id": "slots", "image": "0.png", "conversations": world.llava_turns(turns)}
+            yield llava_record(convo, "slots"), [s]
             continue
         what = rng.choices(("align", "one", "several", "text"), weights)[0]
         if what == "align":

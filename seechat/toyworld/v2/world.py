@@ -512,6 +512,11 @@ def conversation(scene: Scene, rng: random.Random, jitter: int = 0) -> list[dict
         if left and rng.random() < 0.6:
             k = rng.choice(left)
             turns.append({"type": "followup", "question": FOLLOWUP[k], "answer": answer(scene, k)})
+    return llava_turns(turns)
+
+
+def llava_turns(turns: list[dict]) -> list[dict]:
+    """Question-answer turns about one picture as LLaVA messages, the picture's marker before the first question."""
     msgs = []
     for i, t in enumerate(turns):
         msgs.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + t["question"]})
