@@ -677,23 +677,18 @@ def _llm(out: Path, plan: Plan, seed: int, timings, device: str = "cpu") -> None
     if plan.llm_reads == "slots":
         from .slots import train_llm_on_slots
 
-        losses = train_llm_on_slots(out / "llm", tok, sizes=ExpertSizes(llm_layers=plan.llm_layers),
-                                    steps=plan.lm_steps, batch=plan.lm_batch, seed=seed, lr=plan.lm_lr,
-                                    weights=_lm_weights(plan), prompt=ALIGN_PROMPT,
-                                    noise=plan.slot_noise, image_start=plan.image_start, cls=plan.keep_cls,
-                                    info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar,
-                                    device=device, jitter=plan.region_jitter, mix=plan.slot_mix,
-                                    numbers=plan.number_code)
+        common = dict(sizes=ExpertSizes(llm_layers=plan.llm_layers), batch=plan.lm_batch, seed=seed,
+                      weights=_lm_weights(plan), prompt=ALIGN_PROMPT, noise=plan.slot_noise,
+                      image_start=plan.image_start, cls=plan.keep_cls, device=device, jitter=plan.region_jitter,
+                      mix=plan.slot_mix, info={"plan": dataclasses.asdict(plan), "seed": seed})
+        losses = train_llm_on_slots(out / "llm", tok, steps=plan.lm_steps, lr=plan.lm_lr, progress=bar,
+                                    numbers=plan.number_code, **common)
         _losses(out, "llm", losses)
         if plan.lm_region_steps:
             bar = tqdm(total=plan.lm_region_steps, desc="text expert (GLM), regions", unit="step", leave=False)
-            losses = train_llm_on_slots(out / "llm", tok, sizes=ExpertSizes(llm_layers=plan.llm_layers),
-                                        steps=plan.lm_region_steps, batch=plan.lm_batch, seed=seed,
-                                        lr=plan.lm_region_lr, weights=_lm_weights(plan), prompt=ALIGN_PROMPT,
-                                        noise=plan.slot_noise, image_start=plan.image_start, cls=plan.keep_cls,
-                                        info={"plan": dataclasses.asdict(plan), "seed": seed}, progress=bar,
-                                        device=device, jitter=plan.region_jitter, mix=plan.slot_mix,
-                                        init=out / "llm", region_share=plan.lm_region_share, stream="slots-regions")
+            losses = train_llm_on_slots(out / "llm", tok, steps=plan.lm_region_steps, lr=plan.lm_region_lr,
+                                        progress=bar, init=out / "llm", region_share=plan.lm_region_share,
+                                        stream="slots-regions", **common)
             _losses(out, "llm_regions", losses)
         return
     if device != "cpu":
