@@ -184,7 +184,10 @@ class Plan:
     under 300 s: the same build took 274-305 s in four runs): 274.8 s, test 91.2% against 92.0%, description 95.0%
     against 96.9%, refer 79.4% against 81.2%, detect-all F1 76.4% against 80.1%; not kept. 1,600 steps (with
     `vision_features`, which made room): 267.6 s against 250.5 s, test 92.2% against 92.0%, refer 81.2% both,
-    detect-all F1 79.0% against 80.1%, shift 72.9% against 74.3%: no gain, not kept."""
+    detect-all F1 79.0% against 80.1%, shift 72.9% against 74.3%: no gain, not kept. 1,000 steps with recipe 6
+    (2026-11-28, seed 0): val 98.1%, test 98.2%, shift 94.8% against 98.4%, 98.2%, 95.3%, but shift description
+    87.5% and region 85.0% (91.2% both): not kept; 345.1 s against 377.8 s an hour before (Stage II 211.4 s
+    against 223.4 s: this machine's speed moved more than the steps did)."""
     instruct_batch: int = 8
     instruct_data: str = "conversations"
     """Stage II's data: "conversations" or "all" (and Stage I's grounded captions). All (2026-11-27, answers version
