@@ -302,7 +302,8 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     from seechat.toyworld.v2 import build as v2build
 
     micro = v2build.Plan(n_train=48, n_multi_train=6, n_val=6, n_test=3, n_heldout=3, n_shift=3, n_phrasing=3,
-                         n_multi=1, clip_steps=3, clip_more_steps=2, clip_batch=8, lm_steps=3, lm_region_steps=2, lm_batch=8,
+                         n_multi=1, clip_steps=3, clip_more_steps=2, clip_batch=8, lm_steps=3, lm_region_steps=2,
+                         lm_batch=8,
                          align_steps=2, align_batch=4,
                          instruct_steps=2, instruct_batch=4, max_new_tokens=24,
                          group_by_length=True)

@@ -165,23 +165,22 @@ def train_llm_on_slots(out: Path, tokenizer, *, sizes: ExpertSizes, steps: int, 
     questions' boxes moved by up to that many pixels a side. `mix`: `SceneSlots`' blending of colours and kinds.
     `numbers`: `number_code`. `init`: a text expert saved here before (with its slots) to go on from instead of
     a new one (`Plan.lm_region_steps`); `region_share`, `stream`: `fresh_records`'."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from ...data.datasets import Collator
 
     torch.manual_seed(seed)
     if init is not None:
-        from safetensors.torch import load_file
         from transformers import GlmForCausalLM
 
         model = GlmForCausalLM.from_pretrained(init)
-        slots = SceneSlots(sizes.llm_hidden, cls=cls)
-        slots.load_state_dict(load_file(init / "slots.safetensors"))
     else:
         model = new_llm(tokenizer, sizes, max_positions)
         if numbers:
             number_code(model, tokenizer)
-        slots = SceneSlots(sizes.llm_hidden, cls=cls)
+    slots = SceneSlots(sizes.llm_hidden, cls=cls)
+    if init is not None:
+        slots.load_state_dict(load_file(init / "slots.safetensors"))
     model.to(device)
     slots.to(device)
     processor = _processor(tokenizer, image_start, cls)
