@@ -11,7 +11,7 @@ import seechat
 from seechat.data.datasets import Collator, IndexedDataset, StreamDataset
 from seechat.data.processor import IGNORE_INDEX
 from seechat.data.sources import BadSample, DataSource, IndexedSource, conversation_record, stream_records
-from seechat.errors import ConfigError
+from seechat.errors import ConfigError, SeeChatError
 
 PROMPTS = ["详细描述这张图片", "请描述这张图片。"]
 
@@ -98,6 +98,37 @@ def test_collator_pads_right_and_masks_labels(experts, train_data):
     short = int(lengths.argmin())
     assert (batch["labels"][short, lengths[short]:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][short, lengths[short]:] == model.tokenizer.pad_token_id).all()
+
+
+def test_collator_rows_first_fit_samples_and_keep_them_apart():
+    def sample(n, first, images):
+        return {"input_ids": list(range(first, first + n)), "labels": [first + 100 + i for i in range(n)],
+                "pixel_values": torch.full((images, 3, 2, 2), float(first)), "where": f"s{first}"}
+
+    samples = [sample(4, 10, 1), sample(10, 20, 2), sample(5, 30, 1), sample(3, 40, 0), {"bad": ("x", "broken")}]
+    batch = Collator(0, packing="rows")(samples)
+    # widths 10 | 5 + 4 | 3: longest first, each into the first row with room, no row wider than the longest
+    assert batch["input_ids"].tolist() == [list(range(20, 30)), [*range(30, 35), *range(10, 14), 0],
+                                           [*range(40, 43), *[0] * 7]]
+    assert batch["position_ids"].tolist() == [list(range(10)), [*range(5), *range(4), 0],
+                                              [*range(3), *range(7)]]  # the padding tail is a sequence of its own
+    # each sample's first label would be the target of the one before it in the row: never supervised
+    assert batch["labels"][1].tolist() == [-100, *range(131, 135), -100, *range(111, 114), -100]
+    assert "attention_mask" not in batch and batch["bad_samples"] == [("x", "broken")]
+    # pictures in the order of their samples' tokens, so each lands at its own <image>
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [20.0, 20.0, 30.0, 10.0]
+    assert batch["sample_where"] == ["s20", "s30", "s10", "s40"]
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0] * 10, [0] * 5 + [1] * 4 + [2],
+                                                                            [0] * 3 + [1] * 7]
+    with pytest.raises(SeeChatError, match="packing must be false, true or rows"):
+        Collator(0, packing="row")
+    from seechat.train.config import SpeedConfig
+
+    assert SpeedConfig(packing="rows").packing == "rows"
+    with pytest.raises(ConfigError, match="speed.packing must be false, true or rows, got 'row'"):
+        SpeedConfig(packing="row")
 
 
 def test_stream_dataset_yields_endlessly_and_evenly(experts, train_data):

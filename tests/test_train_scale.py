@@ -156,12 +156,18 @@ def test_speed_switches_give_the_loss_and_gradients_of_the_plain_forward(experts
                                                    vision={"feature_layer": -2}), device="cpu")
     source = "captions.jsonl" if stage == "align" else "llava.json"
     ds = IndexedDataset([DataSource(str(train_data / source))], model.processor, prompts=PROMPTS, max_length=512)
-    samples = [ds[i] for i in (0, 1, 5)]
+    a, b = ds[1], ds[2]  # one sample twice as long (two pictures), so that "rows" puts the other two in one row
+    long = {**a, "input_ids": [*a["input_ids"], *b["input_ids"]], "labels": [*a["labels"], *b["labels"]],
+            "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]])}
+    samples = [ds[0], long, ds[5]]
+
+    rows = []
 
     def loss_and_grad(supervised_head, depth, packing):
         model.zero_grad()
         model.supervised_head, model.vision.only_needed_layers = supervised_head, depth
         batch = Collator(model.tokenizer.pad_token_id, packing=packing)(samples)
+        rows.append(batch["input_ids"].shape[0])
         for key in ("bad_samples", "sample_where", "sample_index"):
             batch.pop(key, None)
         loss = model(**batch).loss
@@ -169,10 +175,12 @@ def test_speed_switches_give_the_loss_and_gradients_of_the_plain_forward(experts
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.bridge.parameters()])
 
     plain = loss_and_grad(False, False, False)
-    for switches in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
+    for switches in [(True, False, False), (False, True, False), (False, False, True), (False, False, "rows"),
+                     (True, True, True), (True, True, "rows")]:
         loss, grad = loss_and_grad(*switches)
         torch.testing.assert_close(loss, plain[0], rtol=1e-5, atol=1e-5, msg=str(switches))
         torch.testing.assert_close(grad, plain[1], rtol=1e-4, atol=1e-6, msg=str(switches))
+    assert rows == [3, 3, 3, 1, 2, 1, 2]  # "rows": the two shorter samples share a row, after the longer one
     calls = []
     hook = model.vision.model.encoder.layers[-1].register_forward_hook(lambda *a: calls.append(1))
     model.vision.only_needed_layers = True
