@@ -116,7 +116,12 @@ def summary(r: dict) -> str:
     t = r["tokens_per_batch"]
     return (f"Stage II of the toy world v2, batches of 8 ({r['timed_steps']} steps timed, medians of {r['repeats']}): "
             f"rows {r['speedup']}x the speed of padded; tokens per batch padded {t['padded']}, rows {t['rows']}, "
-            f"without padding {t['real']}; losses padded {r['losses']['padded']}, rows {r['losses']['rows']}")
+            f"without padding {t['real']}; losses every 10 steps, padded {_losses(r['losses']['padded'])}, rows "
+            f"{_losses(r['losses']['rows'])}")
+
+
+def _losses(values: list[float]) -> str:
+    return ", ".join(f"{v:.7g}" for v in values)
 
 
 if __name__ == "__main__":

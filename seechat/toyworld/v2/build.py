@@ -320,9 +320,16 @@ class Plan:
     numbers to the last digit (2026-11-27, the shipped plan and experts): 250.5 s against 273.1 s (the store 18 s,
     charged to Stage I; Stage II 149.8 s against 175.3 s)."""
     packing: bool | str = "rows"
-    """Stage I/II batches with their samples first-fit into rows as wide as the longest (`speed.packing` "rows"):
-    the same samples per step, the same loss and gradients (the first 100 Stage II steps' losses equal to the
-    4 digits logged), about a quarter fewer tokens computed. False: each sample a row, right-padded."""
+    """Stage I/II batches with their samples first-fit into rows as wide as the longest (`speed.packing` "rows",
+    since 2026-11-29) instead of right-padded (False): the same samples in every step, the same loss and
+    gradients up to the order of float sums (100 Stage II steps logged the same losses to 4 digits), a fifth
+    fewer tokens (bench/bench_packing.py: 1.33x the steps per second). Builds of recipe 6 (2 cores): seed 0
+    299.5-304.0 s (Stage I 77.7-81.0 s, Stage II 178.3-181.4 s) where padded ones had taken 296-378 s on other
+    hours; seed 1 332.2 s, a slower hour. The metrics moved as a rerun on another machine would: seed 0 val
+    98.4% (98.4% padded), test 98.1% (98.2%), shift 94.6% (95.3%), shift description 88.8% (91.2%: two
+    questions of 80), region 90.0% (91.2%), detect-all 92.5% (90.0%); seed 1 val 97.5% (97.4%), shift 90.6%
+    (91.0%). Keeping an average of Stage II's weights (EMA, decay 0.995; tried 2026-11-29 with a rule set
+    before: shift mean >= 93.6%) gave seeds 0 / 1 shift 94.7% / 90.9%, val 98.6% / 97.3%: not kept."""
     group_by_length: bool = False
     """Stage I/II batches of samples of similar length (the Trainer's length-grouped sampler). Stage II's
     conversations vary from about 60 to 240 tokens and random batches of 16 are padded to 1.44x their tokens;
