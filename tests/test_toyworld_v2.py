@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -343,6 +344,24 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
     ref = json.loads((out / "data/test/refs.jsonl").read_text().splitlines()[0])
     assert len(ref["bbox"]) == 4 and ref["expression"]  # ready for `seechat eval grounding`
     assert metrics["experts_made"]["from"] == str(cache) and "vision" not in metrics["phase_seconds"]
+    # the evaluation's worker processes (fresh interpreters) answer as this process does; when they cannot run,
+    # their splits are answered here
+    from seechat.toyworld.v2.evaluate import evaluate_splits
+
+    splits = ["test", "shift", "phrasing"]
+    here = evaluate_splits(out / "model", out / "data", tmp_path / "e1", splits, max_new_tokens=24, processes=1)
+    assert {k: v["per_type"] for k, v in here.items()} == {"test": metrics["per_type"], "shift": metrics[
+        "shift_per_type"], "phrasing": metrics["heldout_phrasing_per_type"]}
+    assert evaluate_splits(out / "model", out / "data", tmp_path / "e2", splits, max_new_tokens=24,
+                           processes=2) == here
+    assert (tmp_path / "e2/shift/results.jsonl").read_text() == (tmp_path / "e1/shift/results.jsonl").read_text()
+    assert all((tmp_path / "e2" / s / "summary.json").is_file() for s in splits)  # answered by the workers
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(sys, "executable", "/bin/false")
+        assert evaluate_splits(out / "model", out / "data", tmp_path / "e3", splits, max_new_tokens=24,
+                               processes=2) == here
+    assert "an evaluation worker stopped (exit 1" in capsys.readouterr().err
     assert main(["toyworld", "build", "--world", "v3"]) == 2
     # experts made with another plan are refused, saying what differs and what to do
     bad = dataclasses.replace(micro, keep_cls=True, experts=str(cache))

@@ -772,14 +772,15 @@ def _instruct(out: Path, plan: Plan, seed: int, timings) -> None:
 
 def _evaluate(out: Path, plan: Plan, seed: int, timings) -> None:
     from ... import load
-    from .evaluate import evaluate_split
+    from .evaluate import evaluate_splits
 
     model = load(out / "instruct" / "model", device="cpu", dtype="fp32")
     shutil.rmtree(out / "model", ignore_errors=True)
     model.save(out / "model", llm_weights="full" if plan.instruct_llm == "full" else "auto")  # self-contained
-    r = {split: evaluate_split(model, out / "data" / split, out / "eval" / split,
-                                   max_new_tokens=plan.max_new_tokens)
-         for split in ("val", "test", "heldout_combos", "shift", "phrasing", "multi")}
+    del model
+    r = evaluate_splits(out / "model", out / "data", out / "eval",
+                        ["val", "test", "heldout_combos", "shift", "phrasing", "multi"],
+                        max_new_tokens=plan.max_new_tokens)
     test = r["test"]
     metrics = {
         "val_accuracy": r["val"]["accuracy"],

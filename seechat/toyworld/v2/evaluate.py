@@ -15,13 +15,17 @@ it gives exactly as many boxes as there are shapes of that kind and each matches
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from pathlib import Path
 
 from ...boxes import iou, match, parse_boxes
 from ...eval.grounding import score_detection
 from ...eval.vqa import read_questions, run_vqa
 from . import world
+
+log = logging.getLogger("seechat")
 
 
 DECIDED = ("counting", "exist", "yesno", "compare", "region")
@@ -71,10 +75,84 @@ def judge(record: dict, prediction: str) -> tuple[bool, float | None]:
     return prediction.strip() == record["answer"].strip(), None
 
 
-def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, max_new_tokens: int = 96) -> dict:
+def evaluate_splits(model_dir: Path, data: Path, out: Path, splits: list[str], *, max_new_tokens: int = 96,
+                    processes: int | None = None) -> dict[str, dict]:
+    """`evaluate_split` of data/SPLIT into out/SPLIT for each split, the model loaded from model_dir (CPU, fp32).
+
+    `processes` (None: 2 where there are 2 cores or more and 1,000 questions or more) processes share the
+    splits, largest first, and the cores: answering with this small model is mostly the per-token work of each step, which threads hardly share
+    (on 2 cores the six splits of a build took 16.2 s in two one-thread processes against 36.2 s in one of two
+    threads, with the same answers). The workers are fresh interpreters (`python -m` this module), so a caller's
+    script is never imported again; a split a worker did not finish is answered here."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tqdm.auto import tqdm
+
+    cores = os.cpu_count() or 1
+    size = {s: sum(1 for _ in open(data / s / "qa.jsonl", encoding="utf-8")) for s in splits}
+    if processes is None:  # a worker's start (importing torch and transformers) costs about 5 s
+        processes = 2 if cores >= 2 and sum(size.values()) >= 1000 else 1
+    processes = min(processes, len(splits))
+    groups: list[list[str]] = [[] for _ in range(processes)]
+    for split in sorted(splits, key=lambda s: -size[s]):  # each to the least loaded worker
+        min(groups, key=lambda g: sum(size[s] for s in g)).append(split)
+    for split in splits:
+        (out / split / SUMMARY).unlink(missing_ok=True)
+    bar = tqdm(total=len(splits), desc="evaluate", unit="split", leave=False)
+    if processes > 1:
+        root = str(Path(__file__).resolve().parents[3])  # the folder holding this seechat package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               "OMP_NUM_THREADS": str(max(1, cores // processes))}
+        out.mkdir(parents=True, exist_ok=True)
+        logs = [out / f"worker{i}.log" for i in range(processes)]
+        workers = []
+        for g, log_file in zip(groups, logs):
+            with open(log_file, "w") as fh:  # a file, not a pipe: a pipe nobody reads would stall a chatty worker
+                workers.append(subprocess.Popen([sys.executable, "-m", __name__, str(model_dir), str(data), str(out),
+                                                 ",".join(g), str(max_new_tokens)], env=env,
+                                                stdout=subprocess.DEVNULL, stderr=fh))
+        while any(w.poll() is None for w in workers):
+            time.sleep(0.5)
+            bar.n = sum((out / s / SUMMARY).is_file() for s in splits)
+            bar.refresh()
+        for w, log_file in zip(workers, logs):
+            if w.returncode:
+                log.warning("toy world: an evaluation worker stopped (exit %s; %s): answering its splits here",
+                            w.returncode, log_file.read_text(errors="replace").strip()[-500:])
+            else:
+                log_file.unlink(missing_ok=True)
+    results = {}
+    model = None
+    for split in splits:
+        f = out / split / SUMMARY
+        if f.is_file():
+            results[split] = json.loads(f.read_text())
+        else:
+            if model is None:
+                from ... import load
+
+                model = load(model_dir, device="cpu", dtype="fp32")
+            results[split] = evaluate_split(model, data / split, out / split, max_new_tokens=max_new_tokens,
+                                            progress=False)
+        bar.n = len(results)
+        bar.refresh()
+    bar.close()
+    return results
+
+
+SUMMARY = "summary.json"
+"""What `evaluate_split` returned, beside its results.jsonl, when a worker process answered the split."""
+
+
+def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, max_new_tokens: int = 96,
+                   progress: bool = True) -> dict:
     """Answer every question of split_dir/qa.jsonl (follow-ups after their history); write out/results.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
-    run_vqa(model, read_questions(str(split_dir)), out, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    run_vqa(model, read_questions(str(split_dir)), out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            progress=progress)
     truth = {}
     for line in open(split_dir / "qa.jsonl", encoding="utf-8"):
         rec = json.loads(line)
@@ -113,3 +191,20 @@ def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, m
         if detections else {"f1": None, "precision": None, "recall": None},
         "n_questions": len(rows),
     }
+
+
+def main(argv: list[str]) -> int:
+    """A worker of `evaluate_splits`: MODEL_DIR DATA OUT SPLIT[,SPLIT...] MAX_NEW_TOKENS."""
+    model_dir, data, out, splits, max_new_tokens = argv
+    from ... import load
+
+    model = load(Path(model_dir), device="cpu", dtype="fp32")
+    for split in splits.split(","):
+        result = evaluate_split(model, Path(data) / split, Path(out) / split, max_new_tokens=int(max_new_tokens),
+                                progress=False)
+        (Path(out) / split / SUMMARY).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
