@@ -79,11 +79,12 @@ def evaluate_splits(model_dir: Path, data: Path, out: Path, splits: list[str], *
                     processes: int | None = None) -> dict[str, dict]:
     """`evaluate_split` of data/SPLIT into out/SPLIT for each split, the model loaded from model_dir (CPU, fp32).
 
-    `processes` (None: 2 where there are 2 cores or more and 1,000 questions or more) processes share the
-    splits, largest first, and the cores: answering with this small model is mostly the per-token work of each step, which threads hardly share
-    (on 2 cores the six splits of a build took 16.2 s in two one-thread processes against 36.2 s in one of two
-    threads, with the same answers). The workers are fresh interpreters (`python -m` this module), so a caller's
-    script is never imported again; a split a worker did not finish is answered here."""
+    `processes` (None: 2 where there are 2 cores or more and 1,000 questions or more) processes share the splits,
+    largest first, and the cores: answering with this small model is mostly the per-token work of each step, which
+    threads hardly share (on 2 cores the six splits of a build, 3,810 questions, took 22.5-25.6 s in two one-thread
+    processes, their start included, against 28.9-33.0 s in one of two threads, runs interleaved, with the same
+    answers). The workers are fresh interpreters (`python -m` this module), so a caller's script is never imported
+    again; a split a worker did not finish is answered here."""
     import os
     import subprocess
     import sys
