@@ -12,6 +12,7 @@ medians. The first SKIP steps (loading, the feature store) are not timed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -57,15 +58,10 @@ def _stage2(world: Path, out: Path, packing) -> tuple[float, list[float]]:
                      "vision_features_dir": str(out.parent / "features")},
            "overwrite": True}
     clock = Clock()
-    result = train("instruct", load_config(None, [f"{k}={_json(v)}" for k, v in cfg.items()]), callbacks=[clock])
+    overrides = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in cfg.items()]
+    result = train("instruct", load_config(None, overrides), callbacks=[clock])
     losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
     return (clock.end - clock.start) / (STEPS - SKIP), losses
-
-
-def _json(v) -> str:
-    import json
-
-    return json.dumps(v, ensure_ascii=False)
 
 
 def _tokens(world: Path, batches: int = 200) -> dict:

@@ -183,9 +183,9 @@ class Collator:
             # apart from the position ids; each sample's first label is masked so none predicts across a seam.
             batch = dict(self.flatten([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in good]))
         elif self.packing == "rows" and good:
-            rows = _first_fit([len(s["input_ids"]) for s in good])
-            good = [good[i] for row in rows for i in row]  # the images' features follow the tokens' order
-            batch = self._rows(good, [len(row) for row in rows])
+            rows = [[good[i] for i in row] for row in _first_fit([len(s["input_ids"]) for s in good])]
+            good = [s for row in rows for s in row]  # the images' features follow the tokens' order
+            batch = self._rows(rows)
         else:
             width = max((len(s["input_ids"]) for s in good), default=0)
             ids = torch.full((len(good), width), self.pad_token_id, dtype=torch.long)
@@ -210,17 +210,16 @@ class Collator:
             batch["sample_index"] = torch.tensor([s["index"] for s in samples])
         return batch
 
-    def _rows(self, good: list[dict], counts: list[int]) -> dict:
-        """Samples in order, `counts[r]` of them in row r; no attention mask: the text expert keeps the samples
-        (and each row's padding tail, positions restarting at 0) apart by their position ids."""
-        width = max(len(s["input_ids"]) for s in good)
-        ids = torch.full((len(counts), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(counts), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(counts), width), dtype=torch.long)
-        it = iter(good)
-        for row, count in enumerate(counts):
+    def _rows(self, rows: list[list[dict]]) -> dict:
+        """The samples of each row side by side; no attention mask: the text expert keeps the samples (and each
+        row's padding tail, positions restarting at 0) apart by their position ids."""
+        width = max(len(s["input_ids"]) for samples in rows for s in samples)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, samples in enumerate(rows):
             at = 0
-            for s in (next(it) for _ in range(count)):
+            for s in samples:
                 n = len(s["input_ids"])
                 ids[row, at:at + n] = torch.tensor(s["input_ids"])
                 labels[row, at + 1:at + n] = torch.tensor(s["labels"][1:])  # the first would be the last one's target

@@ -87,7 +87,6 @@ def evaluate_splits(model_dir: Path, data: Path, out: Path, splits: list[str], *
     again; a split a worker did not finish is answered here."""
     import os
     import subprocess
-    import sys
     import time
 
     from tqdm.auto import tqdm
