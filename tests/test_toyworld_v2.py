@@ -362,6 +362,10 @@ def test_micro_build_through_the_cli_writes_every_metric(tmp_path, monkeypatch, 
         assert evaluate_splits(out / "model", out / "data", tmp_path / "e3", splits, max_new_tokens=24,
                                processes=2) == here
     assert "an evaluation worker stopped (exit 1" in capsys.readouterr().err
+    from seechat.toyworld.v2.evaluate import main as worker
+
+    assert worker([str(out / "model"), "test"]) == 2 and "usage: python -m seechat.toyworld.v2.evaluate" in \
+        capsys.readouterr().err
     assert main(["toyworld", "build", "--world", "v3"]) == 2
     # experts made with another plan are refused, saying what differs and what to do
     bad = dataclasses.replace(micro, keep_cls=True, experts=str(cache))

@@ -195,6 +195,11 @@ def evaluate_split(model, split_dir: Path, out: Path, *, batch_size: int = 48, m
 
 def main(argv: list[str]) -> int:
     """A worker of `evaluate_splits`: MODEL_DIR DATA OUT SPLIT[,SPLIT...] MAX_NEW_TOKENS."""
+    if len(argv) != 5 or not argv[4].isdigit():
+        print("usage: python -m seechat.toyworld.v2.evaluate MODEL_DIR DATA OUT SPLIT[,SPLIT...] MAX_NEW_TOKENS "
+              "(a worker of the toy world v2's evaluation; `seechat toyworld build --world v2` runs it)",
+              file=sys.stderr)
+        return 2
     model_dir, data, out, splits, max_new_tokens = argv
     from ... import load
 
