@@ -80,6 +80,10 @@ class BridgeConfig:
     on its own, as LLaVA's projector) or an odd k (each token plus a k x k convolution of its neighbourhood, learnt
     from zero: a shape lying across two tokens can then be given to one of them). Needs a square token grid (a
     leading CLS token is read alone)."""
+    position: bool = False
+    """linear and mlp: a learnt vector per image-token place added to the bridge's output, zero at the start (as the
+    position embeddings of Qwen-VL's resampler): each token's place reaches the text expert whatever the picture
+    looks like. Needs the same number of image tokens for every picture (a fixed-size vision expert)."""
     num_queries: int = 32
     """qformer only: learned query tokens, which is also the number of image tokens per image."""
     qformer: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +104,7 @@ class BridgeConfig:
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"bridge.kernel must be an odd number >= 1 (1: each token alone, 3: 3x3 neighbours), "
                               f"got {self.kernel}")
-        for name, used in (("kernel", self.kernel > 1), ("norm", self.norm)):
+        for name, used in (("kernel", self.kernel > 1), ("norm", self.norm), ("position", self.position)):
             if used and self.type not in ("linear", "mlp"):
                 raise ConfigError(f"bridge.{name} applies to the linear and mlp bridges, not {self.type!r}")
         if self.frozen_qformer and not self.qformer_from:

@@ -197,6 +197,29 @@ def test_a_kernel_3_bridge_reads_each_token_with_its_grid_neighbours(experts, re
         check_exportable(model)
 
 
+def test_bridge_position_adds_a_learnt_vector_per_token_place(experts, red, tmp_path):
+    cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])
+    cfg.bridge.position = True
+    model = seechat.build(cfg, device="cpu")
+    feats = torch.randn(2, 16, 32)  # two pictures of the tiny CLIP's 16 patches
+    with torch.no_grad():
+        start = model.project(feats)
+        model.bridge.places.weight[3].fill_(0.25)  # as if trained: place 3 only
+        moved = model.project(feats) - start
+    assert (moved.abs().sum(-1) > 0).nonzero()[:, 1].tolist() == [3, 3]  # that place, in both pictures
+    torch.testing.assert_close(moved[:, 3], torch.full((2, 64), 0.25))
+    again = _same_after_save_and_load(model, red, tmp_path)
+    assert again.config.bridge.position and again.bridge.places.weight[3, 0].item() == 0.25
+    with pytest.raises(ConfigError, match="made for 16 image tokens, but this picture gave 15"):
+        model.project(torch.randn(1, 15, 32))
+    with pytest.raises(ConfigError, match="bridge.position applies to the linear and mlp bridges"):
+        BridgeConfig(type="qformer", position=True)
+    from seechat.export.llava import check_exportable
+
+    with pytest.raises(ConfigError, match="bridge.position adds a learnt vector"):
+        check_exportable(model)
+
+
 def test_bad_compositions_name_the_valid_choices(experts):
     with pytest.raises(ConfigError, match=r"unknown bridge type 'perceiver'; valid types are \['linear', 'mlp', 'qformer'\]"):
         cfg = tiny_config(experts["vision"]["clip"], experts["llm"]["qwen2"])

@@ -30,6 +30,8 @@ def check_exportable(model: SeeChat) -> None:
                        "projector reads each token alone")
     if cfg.bridge.norm:
         reasons.append("bridge.norm puts a LayerNorm in front of the bridge, which LLaVA's projector lacks")
+    if cfg.bridge.position:
+        reasons.append("bridge.position adds a learnt vector per image-token place, which LLaVA's projector lacks")
     if cfg.vision.pool != "none":
         reasons.append(f"vision.pool {cfg.vision.pool!r} pools image tokens, which LLaVA cannot express")
     if cfg.vision.post_layernorm:

@@ -55,6 +55,22 @@ class GridMix(nn.Module):
         return torch.cat([feats[:, :cls], feats[:, cls:] + mixed], dim=1)
 
 
+class Places(nn.Module):
+    """A learnt vector per image-token place, added to the bridge's output (bridge.position); zero at the start."""
+
+    def __init__(self, n_tokens: int | None, llm_dim: int):
+        super().__init__()
+        if not n_tokens:
+            raise ConfigError("bridge.position needs a vision expert with a fixed number of image tokens")
+        self.weight = nn.Parameter(torch.zeros(n_tokens, llm_dim))
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        if out.shape[1] != self.weight.shape[0]:
+            raise ConfigError(f"bridge.position was made for {self.weight.shape[0]} image tokens, but this picture "
+                              f"gave {out.shape[1]}: use bridge.position false with this vision expert")
+        return out + self.weight.to(out.dtype)
+
+
 def _prepare(bridge: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """The linear and mlp bridges' optional first steps: bridge.norm, then bridge.kernel's neighbour mix."""
     if bridge.norm is not None:
@@ -62,12 +78,18 @@ def _prepare(bridge: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return bridge.mix(feats) if bridge.mix is not None else feats
 
 
+def _place(bridge: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return bridge.places(out) if bridge.places is not None else out
+
+
 class LinearBridge(nn.Module):
     """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
 
-    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
+                 n_tokens: int | None = None):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
+        self.places = Places(n_tokens, llm_dim) if config.position else None
         self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
         self.proj = nn.Linear(vision_dim, llm_dim)
 
@@ -75,15 +97,17 @@ class LinearBridge(nn.Module):
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(_prepare(self, feats))
+        return _place(self, self.proj(_prepare(self, feats)))
 
 
 class MLPBridge(nn.Module):
     """`depth` linear layers with GELU between them, per image token (LLaVA-1.5: depth 2)."""
 
-    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None):
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
+                 n_tokens: int | None = None):
         super().__init__()
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
+        self.places = Places(n_tokens, llm_dim) if config.position else None
         widths = [vision_dim] + [config.hidden or llm_dim] * (config.depth - 1) + [llm_dim]
         self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
         layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
@@ -95,7 +119,7 @@ class MLPBridge(nn.Module):
         return n_in
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.layers(_prepare(self, feats))
+        return _place(self, self.layers(_prepare(self, feats)))
 
 
 class QFormerBridge(nn.Module):
@@ -127,15 +151,17 @@ class QFormerBridge(nn.Module):
 BRIDGES = {"linear": LinearBridge, "mlp": MLPBridge, "qformer": QFormerBridge}
 
 
-def build_bridge(config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None) -> nn.Module:
-    """The bridge for `vision_dim`-wide features; `levels`: the channels of each concatenated level (bridge.norm)."""
+def build_bridge(config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
+                 n_tokens: int | None = None) -> nn.Module:
+    """The bridge for `vision_dim`-wide features; `levels`: the channels of each concatenated level (bridge.norm);
+    `n_tokens`: the vision expert's tokens per picture (bridge.position)."""
     if config.type not in BRIDGES:
         raise ConfigError(f"unknown bridge type {config.type!r}; valid types are {sorted(BRIDGES)}")
     if levels is not None and sum(levels) != vision_dim:
         raise ConfigError(f"the vision feature levels {levels} do not add up to {vision_dim} channels")
     if config.type == "qformer":
         return QFormerBridge(config, vision_dim, llm_dim)
-    return BRIDGES[config.type](config, vision_dim, llm_dim, levels)
+    return BRIDGES[config.type](config, vision_dim, llm_dim, levels, n_tokens)
 
 
 def qformer_config_from(source: str, base: str | None = None) -> tuple[dict, int]:

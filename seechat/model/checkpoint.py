@@ -255,7 +255,8 @@ def _assemble(config, sources, tokenizer, image_processor_path, torch_dtype, ada
             llm = PeftModel.from_pretrained(llm, adapter)
         llm.eval()
     llm_dim = llm.get_input_embeddings().embedding_dim
-    bridge = build_bridge(config.bridge, vision.hidden_size, llm_dim, getattr(vision, "levels", None)).to(torch_dtype)
+    bridge = build_bridge(config.bridge, vision.hidden_size, llm_dim, getattr(vision, "levels", None),
+                          vision.num_tokens).to(torch_dtype)
     if isinstance(bridge, QFormerBridge) and not config.bridge.qformer:
         config.bridge.qformer = qformer_fields(bridge.qformer.config)
     processor = SeeChatProcessor(
