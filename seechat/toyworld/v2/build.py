@@ -246,7 +246,7 @@ class Plan:
     """A LayerNorm on each vision token before the bridge (`bridge.norm`, as InternVL's and Qwen2-VL's mergers).
     Tried 2026-11-29 (recipe 6, rows; a rule set before: shift mean over seeds 0 / 1 >= 93.6%): val 98.0% / 97.5%,
     test 98.1% / 97.2%, shift 94.6% / 90.1% (shift description 86.2% / 80.0%) against 98.4 / 97.5, 98.1 / 97.5,
-    94.6 / 90.6 (88.8 / 82.5): not kept. Linear probes read kind on shift no better after a LayerNorm (96.2%
+    94.6 / 90.6 (88.8 / 82.5): not kept. Linear probes read kind on shift hardly better after a LayerNorm (96.2%
     of the shapes' cells against 95.6%)."""
     bridge_position: bool = False
     """A learnt vector per image-token place added to the bridge's output (`bridge.position`), so that the text
