@@ -435,6 +435,26 @@ def test_the_shipped_toy_experts_fit_this_seechat(tmp_path, monkeypatch):
     assert v2build.pretrained_dir() == v2build.cache_dir() != v2build.SHIPPED
 
 
+def test_probes_read_what_the_shipped_vision_expert_holds_about_each_cell():
+    """`python -m seechat.toyworld.v2.probe`: linear probes on the frozen expert's 16 tokens read each shape's kind
+    and colour off the shipped vision expert on the test pictures; they are scored per cell and per picture, and
+    features that say nothing read at chance. A pool that leaves other than 16 tokens is refused by name."""
+    from seechat.errors import ConfigError
+    from seechat.toyworld.v2 import build as v2build, probe
+
+    r = probe.probe(v2build.SHIPPED / "clip", fit_n=300, seeds=(0,), splits=("test",))
+    test = r["all"]["test"]
+    assert test["pictures"] == v2build.FULL.n_test and r["per_seed"]["test"][0] == test
+    assert test["kind"] >= 0.95 and test["colour"] >= 0.95, test
+    assert test["one_shape_pictures"] >= 0.95 and test["several_shape_pictures"] >= 0.85, test
+    scenes = v2build._scenes(v2build.FULL, 0, "test")
+    blind = {key: (lambda z: torch.zeros(len(z), dtype=torch.long)) for key in ("kind", "colour")}
+    chance = probe.score(blind, torch.zeros(len(scenes), 16, 8), scenes)
+    assert chance["kind"] < 0.5 and chance["several_shape_pictures"] < 0.2
+    with pytest.raises(ConfigError, match="64 tokens.*--pool"):
+        probe.probe(v2build.SHIPPED / "clip", pool="none", fit_n=8, seeds=(0,), splits=("test",))
+
+
 def test_slots_say_what_each_patch_holds_and_the_text_expert_learns_to_read_them(tmp_path):
     """`Plan.llm_reads = "slots"`: the pretraining stand-in for a picture changes exactly where the picture
     does, the text expert pretrained on it learns (loss falls) and `check` asks it questions through it."""
