@@ -44,6 +44,26 @@ def test_cnn_feature_map_becomes_tokens(tiny_cnn, pool, tokens):
         assert torch.allclose(feats[:, 0], fmap.mean((2, 3)), atol=1e-6)
 
 
+def test_cnn_token_grid_comes_from_the_map_whatever_its_strides(tmp_path):
+    """A CNN made for small pictures (stem at stride 1, total stride 16 rather than EfficientNet's 32): its
+    tokens are its map's cells, counted from the map itself, and the config keeps the stem's stride and its
+    two classes (which transformers leaves out of config.json, two being its default)."""
+    from seechat.model.cnn import EfficientNetLiteConfig, save_processor
+
+    config = EfficientNetLiteConfig(stem_channels=8, head_channels=24, image_size=64, stem_stride=1, num_labels=2,
+                                    stages=((3, 2, 2, 8, 1), (3, 2, 2, 16, 1), (3, 2, 2, 16, 1), (3, 2, 2, 24, 1)))
+    EfficientNetLiteModel(config).eval().save_pretrained(tmp_path)
+    save_processor(tmp_path, 64)
+    for pool, tokens in (("none", 16), ("2x2", 4)):
+        expert = load_vision(VisionConfig(name_or_path=str(tmp_path), feature_layer=-1, pool=pool), str(tmp_path))
+        pixels = load_image_processor(str(tmp_path))(images=[sample_image()], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = expert(pixels)
+        assert expert.model.config.stem_stride == 1 and expert.model.stem[0].stride == (1, 1)
+        assert expert.model.classifier.out_features == 2
+        assert expert.num_tokens == tokens and feats.shape == (1, tokens, 24)
+
+
 def test_frozen_cnn_features_are_cached_per_image(tiny_cnn):
     expert = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-1, pool="2x2"), tiny_cnn)
     process = load_image_processor(tiny_cnn)

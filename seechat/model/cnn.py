@@ -48,16 +48,20 @@ class EfficientNetLiteConfig(PretrainedConfig):
     model_type = "efficientnet_lite0"
 
     def __init__(self, stem_channels: int = 32, head_channels: int = 1280, stages=LITE0_STAGES,
-                 batch_norm_eps: float = 1e-3, image_size: int = 224, **kwargs):
+                 batch_norm_eps: float = 1e-3, image_size: int = 224, stem_stride: int = 2, **kwargs):
         self.stem_channels = stem_channels
+        self.stem_stride = stem_stride
+        """2 in EfficientNet; 1 keeps the picture's resolution in the stem (small pictures of small things)."""
         self.head_channels = head_channels
         self.stages = [list(s) for s in stages]
         self.batch_norm_eps = batch_norm_eps
         self.image_size = image_size
         self.hidden_size = head_channels
         if "id2label" not in kwargs:
-            kwargs.setdefault("num_labels", 1000)  # ImageNet
-        super().__init__(**kwargs)
+            kwargs.setdefault("num_labels", kwargs.get("classes", 1000))  # ImageNet
+        super().__init__(**{k: v for k, v in kwargs.items() if k != "classes"})
+        self.classes = self.num_labels
+        """Saved always: transformers leaves id2label out of config.json for two labels, its default."""
 
 
 class SameConv(nn.Conv2d):
@@ -106,7 +110,7 @@ class EfficientNetLiteModel(PreTrainedModel):
     def __init__(self, config: EfficientNetLiteConfig):
         super().__init__(config)
         eps = config.batch_norm_eps
-        self.stem = ConvBN(3, config.stem_channels, 3, 2, eps=eps)
+        self.stem = ConvBN(3, config.stem_channels, 3, getattr(config, "stem_stride", 2), eps=eps)
         cin, blocks = config.stem_channels, []
         for k, stride, expand, cout, repeats in config.stages:
             for r in range(repeats):
@@ -114,7 +118,7 @@ class EfficientNetLiteModel(PreTrainedModel):
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.head = ConvBN(cin, config.head_channels, eps=eps)
-        self.classifier = nn.Linear(config.head_channels, config.num_labels)
+        self.classifier = nn.Linear(config.head_channels, config.classes)
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
@@ -290,13 +294,11 @@ class FeatureMapExpert(nn.Module):
 def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
     model = EfficientNetLiteModel.from_pretrained(path, dtype=dtype).eval()
     size = model.config.image_size
-    grid = math.ceil(size / 32)
-    maps = None
-    if config.layers != [-1]:  # the shape of every map, from one pass over a blank picture
-        with torch.no_grad():
-            blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
-            maps = [tuple(s.shape[1:]) for s in model(blank, output_hidden_states=True)["hidden_states"]]
-    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=(grid, grid), maps=maps).eval()
+    with torch.no_grad():  # the shape of every map, from one pass over a blank picture (strides vary by config)
+        blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
+        maps = [tuple(s.shape[1:]) for s in model(blank, output_hidden_states=True)["hidden_states"]]
+    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=maps[-1][1:],
+                            maps=maps if config.layers != [-1] else None).eval()
 
 
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
