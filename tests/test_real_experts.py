@@ -64,6 +64,34 @@ def test_cnn_token_grid_comes_from_the_map_whatever_its_strides(tmp_path):
         assert expert.num_tokens == tokens and feats.shape == (1, tokens, 24)
 
 
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_transformers_cnns_load_as_feature_map_experts(tmp_path, family):
+    """A ResNet or ConvNeXt saved by transformers loads as a vision expert: its last map's cells are the tokens,
+    `vision.feature_layer` picks the stem's (0) and stages' maps, brought to the last one's grid."""
+    from transformers import CLIPImageProcessor, ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    if family == "resnet":
+        model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 1, 1],
+                                         layer_type="basic", downsample_in_first_stage=False))
+    else:
+        model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24], depths=[1, 1, 1], num_stages=3))
+    model.eval().save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp_path)
+    pixels = load_image_processor(str(tmp_path))(images=[sample_image(), sample_image((40, 40, 220))],
+                                                 return_tensors="pt")["pixel_values"]
+    expert = load_vision(VisionConfig(name_or_path=str(tmp_path), feature_layer=-1, pool="none"), str(tmp_path))
+    with torch.no_grad():
+        feats = expert(pixels)
+        fmap = model(pixel_values=pixels).last_hidden_state  # (2, 24, 4, 4): 64 px at a stride of 16
+    assert expert.num_tokens == 16 and expert.hidden_size == 24 and feats.shape == (2, 16, 24)
+    assert torch.allclose(feats[1, 6], fmap[1, :, 1, 2], atol=1e-5) and not torch.equal(feats[0], feats[1])
+    both = load_vision(VisionConfig(name_or_path=str(tmp_path), feature_layer=[0, -1], pool="none"), str(tmp_path))
+    with torch.no_grad():
+        joined = both(pixels)
+    assert joined.shape == (2, 16, 8 + 24) and torch.allclose(joined[..., 8:], feats, atol=1e-5)
+
+
 def test_frozen_cnn_features_are_cached_per_image(tiny_cnn):
     expert = load_vision(VisionConfig(name_or_path=tiny_cnn, feature_layer=-1, pool="2x2"), tiny_cnn)
     process = load_image_processor(tiny_cnn)

@@ -6,6 +6,8 @@
   package (a state dict in EfficientNet-PyTorch naming, read with `weights_only=True`) and are saved once as a
   folder (`config.json` + `model.safetensors` + `preprocessor_config.json`) that loads like any expert:
   `vision.name_or_path: runs/experts/efficientnet-lite0`.
+- **transformers' CNNs** (ResNet, ConvNeXt: `model_type` resnet or convnext, a hub id such as
+  `microsoft/resnet-50` or a folder) load with `AutoModel`; their maps are the stem's and each stage's.
 - **timm backbones** (`vision.name_or_path: timm/<model>` or a saved TimmWrapper folder) load through
   transformers' `TimmWrapperModel` where timm imports.
 
@@ -301,6 +303,27 @@ def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None
                             maps=maps if config.layers != [-1] else None).eval()
 
 
+HF_CNNS = ("resnet", "convnext")
+"""transformers' own CNN families (model_type) that load as feature-map experts (`load_hf_cnn`)."""
+
+
+def load_hf_cnn(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
+    """A transformers CNN (ResNetModel, ConvNextModel: a hub id or a folder) over its feature maps: the
+    stem's map then each stage's are `vision.feature_layer` 0, 1, ...; the grid and widths come from one pass
+    over a blank picture at the size its image processor gives."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(path, dtype=dtype).eval()
+    blank = AutoImageProcessor.from_pretrained(path)(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    with torch.no_grad():
+        states = model(pixel_values=blank["pixel_values"].to(next(model.parameters()).dtype),
+                       output_hidden_states=True).hidden_states
+    maps = [tuple(m.shape[1:]) for m in states]
+    return FeatureMapExpert(model, config, channels=maps[-1][0], grid=maps[-1][1:],
+                            maps=maps if config.layers != [-1] else None).eval()
+
+
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
     """A timm backbone through transformers' TimmWrapperModel (needs timm, hence torchvision)."""
     try:
@@ -326,7 +349,8 @@ def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None)
 
 def feature_map_loader(path: str):
     """The loader for `path` when it is a CNN / timm expert (a `timm/...` hub id or a folder whose config.json
-    names efficientnet_lite0 or timm_wrapper), else None (a transformers vision model)."""
+    names efficientnet_lite0, timm_wrapper, resnet or convnext), else None (a transformers ViT, or a hub id
+    `load_vision` looks up)."""
     import json
     import os
 
@@ -339,4 +363,6 @@ def feature_map_loader(path: str):
         model_type = json.loads(open(config, encoding="utf-8").read()).get("model_type")
     except (OSError, ValueError):
         return None
+    if model_type in HF_CNNS:
+        return load_hf_cnn
     return {"efficientnet_lite0": load_efficientnet, "timm_wrapper": load_timm}.get(model_type)

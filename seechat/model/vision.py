@@ -1,7 +1,7 @@
 """The vision expert: a Hugging Face image encoder and the choice of which features feed the bridge.
 
 Supported families (by the checkpoint's `model_type`): CLIP, Chinese-CLIP, SigLIP and BLIP-2's EVA ViT-g;
-CNNs (EfficientNet-Lite0) and timm backbones load through seechat/model/cnn.py.
+CNNs (EfficientNet-Lite0, transformers' ResNet and ConvNeXt) and timm backbones load through seechat/model/cnn.py.
 A full checkpoint (vision + text towers) or a vision-only one both load; the text tower is not loaded.
 """
 
@@ -20,7 +20,7 @@ from transformers import (
 
 from ..config import VisionConfig
 from ..errors import ConfigError, ModelDirError
-from .cnn import feature_map_loader
+from .cnn import HF_CNNS, feature_map_loader, load_hf_cnn
 from .hub import loading
 
 # model_type of the checkpoint -> (vision class, key_mapping for from_pretrained).
@@ -120,9 +120,13 @@ def load_vision(config: VisionConfig, path: str, dtype: torch.dtype | None = Non
     with loading("vision expert", path):
         hf_config = AutoConfig.from_pretrained(path)
     model_type = hf_config.model_type
+    if model_type in HF_CNNS:  # a hub id of a transformers CNN (a folder was routed above)
+        with loading("vision expert", path):
+            return load_hf_cnn(config, path, dtype)
     if model_type not in VISION_MODELS:
         raise ModelDirError(
-            f"'{path}' is a {model_type!r} checkpoint; the vision expert must be one of {sorted(VISION_MODELS)}"
+            f"'{path}' is a {model_type!r} checkpoint; the vision expert must be one of "
+            f"{sorted([*VISION_MODELS, *HF_CNNS, 'efficientnet_lite0', 'timm_wrapper'])}"
         )
     cls, key_mapping = VISION_MODELS[model_type]
     kwargs = {"key_mapping": key_mapping} if key_mapping else {}
