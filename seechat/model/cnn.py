@@ -112,7 +112,7 @@ class EfficientNetLiteModel(PreTrainedModel):
     def __init__(self, config: EfficientNetLiteConfig):
         super().__init__(config)
         eps = config.batch_norm_eps
-        self.stem = ConvBN(3, config.stem_channels, 3, getattr(config, "stem_stride", 2), eps=eps)
+        self.stem = ConvBN(3, config.stem_channels, 3, config.stem_stride, eps=eps)
         cin, blocks = config.stem_channels, []
         for k, stride, expand, cout, repeats in config.stages:
             for r in range(repeats):
@@ -296,10 +296,16 @@ class FeatureMapExpert(nn.Module):
 def load_efficientnet(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:
     model = EfficientNetLiteModel.from_pretrained(path, dtype=dtype).eval()
     size = model.config.image_size
-    with torch.no_grad():  # the shape of every map, from one pass over a blank picture (strides vary by config)
-        blank = torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype)
-        maps = [tuple(s.shape[1:]) for s in model(blank, output_hidden_states=True)["hidden_states"]]
-    return FeatureMapExpert(model, config, channels=model.config.head_channels, grid=maps[-1][1:],
+    return _over_maps(model, config, torch.zeros(1, 3, size, size))
+
+
+def _over_maps(model: nn.Module, config: VisionConfig, blank: torch.Tensor) -> FeatureMapExpert:
+    """A feature-map expert whose grid and widths come from one pass over a blank picture (strides vary by
+    config): the last map's cells are the tokens, every map may be named by `vision.feature_layer`."""
+    with torch.no_grad():
+        states = model(pixel_values=blank.to(next(model.parameters()).dtype), output_hidden_states=True)
+    maps = [tuple(m.shape[1:]) for m in states["hidden_states"]]
+    return FeatureMapExpert(model, config, channels=maps[-1][0], grid=maps[-1][1:],
                             maps=maps if config.layers != [-1] else None).eval()
 
 
@@ -316,12 +322,7 @@ def load_hf_cnn(config: VisionConfig, path: str, dtype: torch.dtype | None = Non
 
     model = AutoModel.from_pretrained(path, dtype=dtype).eval()
     blank = AutoImageProcessor.from_pretrained(path)(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
-    with torch.no_grad():
-        states = model(pixel_values=blank["pixel_values"].to(next(model.parameters()).dtype),
-                       output_hidden_states=True).hidden_states
-    maps = [tuple(m.shape[1:]) for m in states]
-    return FeatureMapExpert(model, config, channels=maps[-1][0], grid=maps[-1][1:],
-                            maps=maps if config.layers != [-1] else None).eval()
+    return _over_maps(model, config, blank["pixel_values"])
 
 
 def load_timm(config: VisionConfig, path: str, dtype: torch.dtype | None = None) -> FeatureMapExpert:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
+from .experts import dense_targets
 
 STYLES = {"train": world.TRAIN, "wide": world.WIDE, "shift": world.SHIFT}
 GRID = 4  # the cells the shapes' centres are placed in (world.CELL pixels each)
@@ -63,8 +64,6 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 500, seed: 
 
 def score(predict: dict, feats: torch.Tensor, scenes: list[world.Scene]) -> dict[str, float]:
     """Per cell holding a shape's centre: kind and colour read right; per picture: every shape's both right."""
-    from .experts import dense_targets
-
     t = dense_targets(scenes, GRID)
     here = t["obj"] > 0
     right = torch.ones_like(here)
@@ -98,8 +97,6 @@ def probe(vision: str | Path, *, pool: str = "2x2", feature_layer: int = -1, fit
     processor = load_image_processor(str(vision))
     drawn = world.sample_scenes(1000, f"probe-{fit_style}", fit_n, multi=b.FULL.multi_share, style=STYLES[fit_style])
     x = features(expert, processor, drawn)
-    from .experts import dense_targets
-
     t = dense_targets(drawn, GRID)
     here = (t["obj"] > 0).reshape(-1)
     rows = x.reshape(-1, x.shape[-1])[here]
