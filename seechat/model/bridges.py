@@ -71,19 +71,9 @@ class Places(nn.Module):
         return out + self.weight.to(out.dtype)
 
 
-def _prepare(bridge: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-    """The linear and mlp bridges' optional first steps: bridge.norm, then bridge.kernel's neighbour mix."""
-    if bridge.norm is not None:
-        feats = bridge.norm(feats)
-    return bridge.mix(feats) if bridge.mix is not None else feats
-
-
-def _place(bridge: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    return bridge.places(out) if bridge.places is not None else out
-
-
-class LinearBridge(nn.Module):
-    """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
+class TokenBridge(nn.Module):
+    """What the linear and mlp bridges share: each image token mapped alone (`map`, the subclass's), with
+    bridge.norm and bridge.kernel's neighbour mix before it and bridge.position's vectors after it."""
 
     def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
                  n_tokens: int | None = None):
@@ -91,35 +81,48 @@ class LinearBridge(nn.Module):
         self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
         self.places = Places(n_tokens, llm_dim) if config.position else None
         self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
-        self.proj = nn.Linear(vision_dim, llm_dim)
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
 
+    def map(self, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return _place(self, self.proj(_prepare(self, feats)))
+        if self.norm is not None:
+            feats = self.norm(feats)
+        if self.mix is not None:
+            feats = self.mix(feats)
+        out = self.map(feats)
+        return self.places(out) if self.places is not None else out
 
 
-class MLPBridge(nn.Module):
+class LinearBridge(TokenBridge):
+    """One linear layer per image token (MiniGPT-4 and SEEChat V1 put one after a Q-Former)."""
+
+    def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
+                 n_tokens: int | None = None):
+        super().__init__(config, vision_dim, llm_dim, levels, n_tokens)
+        self.proj = nn.Linear(vision_dim, llm_dim)
+
+    def map(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.proj(feats)
+
+
+class MLPBridge(TokenBridge):
     """`depth` linear layers with GELU between them, per image token (LLaVA-1.5: depth 2)."""
 
     def __init__(self, config: BridgeConfig, vision_dim: int, llm_dim: int, levels: list[int] | None = None,
                  n_tokens: int | None = None):
-        super().__init__()
-        self.norm = LevelNorm(levels or [vision_dim]) if config.norm else None
-        self.places = Places(n_tokens, llm_dim) if config.position else None
+        super().__init__(config, vision_dim, llm_dim, levels, n_tokens)
         widths = [vision_dim] + [config.hidden or llm_dim] * (config.depth - 1) + [llm_dim]
-        self.mix = GridMix(vision_dim, config.kernel) if config.kernel > 1 else None
         layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
         for a, b in zip(widths[1:-1], widths[2:]):
             layers += [nn.GELU(), nn.Linear(a, b)]
         self.layers = nn.Sequential(*layers)
 
-    def num_tokens(self, n_in: int) -> int:
-        return n_in
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return _place(self, self.layers(_prepare(self, feats)))
+    def map(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.layers(feats)
 
 
 class QFormerBridge(nn.Module):
