@@ -437,8 +437,8 @@ def test_the_shipped_toy_experts_fit_this_seechat(tmp_path, monkeypatch):
 
 def test_probes_read_what_the_shipped_vision_expert_holds_about_each_cell():
     """`python -m seechat.toyworld.v2.probe`: linear probes on the frozen expert's 16 tokens read each shape's kind
-    and colour off the shipped vision expert on the test pictures; they are scored per cell and per picture, and
-    features that say nothing read at chance. A pool that leaves other than 16 tokens is refused by name."""
+    and colour off the shipped vision expert on the test pictures; they are scored per cell, per picture and per
+    shape-size band, and features that say nothing read at chance. A pool that leaves other than 16 tokens is refused by name."""
     from seechat.errors import ConfigError
     from seechat.toyworld.v2 import build as v2build, probe
 
@@ -448,6 +448,9 @@ def test_probes_read_what_the_shipped_vision_expert_holds_about_each_cell():
     assert test["kind"] >= 0.95 and test["colour"] >= 0.95, test
     assert test["one_shape_pictures"] >= 0.95 and test["several_shape_pictures"] >= 0.85, test
     scenes = v2build._scenes(v2build.FULL, 0, "test")
+    assert sum(band["shapes"] for band in test["by_size"].values()) == sum(len(s.shapes) for s in scenes)
+    assert test["by_size"][">=24"]["right"] >= 0.95, test["by_size"]
+    assert [probe.size_band(x) for x in (7.9, 8, 11.9, 23.9, 24)] == ["<8", "8-12", "8-12", "16-24", ">=24"]
     blind = {key: (lambda z: torch.zeros(len(z), dtype=torch.long)) for key in ("kind", "colour")}
     chance = probe.score(blind, torch.zeros(len(scenes), 16, 8), scenes)
     assert chance["kind"] < 0.5 and chance["several_shape_pictures"] < 0.2

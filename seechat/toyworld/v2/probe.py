@@ -28,6 +28,18 @@ from .experts import dense_targets
 
 STYLES = {"train": world.TRAIN, "wide": world.WIDE, "shift": world.SHIFT}
 GRID = 4  # the cells the shapes' centres are placed in (world.CELL pixels each)
+SIZES = (8, 12, 16, 24)
+"""Edges of the shape-size bands (the side of a shape's frame in pixels) that `score` reads apart."""
+
+
+def size_band(size: float) -> str:
+    """The band of SIZES a shape's frame side falls in: '<8', '8-12', ..., '>=24'."""
+    if size < SIZES[0]:
+        return f"<{SIZES[0]}"
+    for lo, hi in zip(SIZES, SIZES[1:]):
+        if size < hi:
+            return f"{lo}-{hi}"
+    return f">={SIZES[-1]}"
 
 
 def features(expert, processor, scenes: list[world.Scene], batch: int = 128) -> torch.Tensor:
@@ -63,8 +75,10 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 500, seed: 
 
 
 def score(predict: dict, feats: torch.Tensor, scenes: list[world.Scene]) -> dict[str, float]:
-    """Per cell holding a shape's centre: kind and colour read right; per picture: every shape's both right."""
+    """Per cell holding a shape's centre: kind and colour read right; per picture: every shape's both right; per
+    shape-size band (`by_size`): the shapes of that size read right (both), and how many there were."""
     t = dense_targets(scenes, GRID)
+    cell = world.IMAGE_SIZE / GRID
     here = t["obj"] > 0
     right = torch.ones_like(here)
     out = {}
@@ -79,6 +93,16 @@ def score(predict: dict, feats: torch.Tensor, scenes: list[world.Scene]) -> dict
     out["one_shape_pictures"] = round(whole[one].float().mean().item(), 4) if one.any() else None
     out["several_shape_pictures"] = round(whole[~one].float().mean().item(), 4) if (~one).any() else None
     out["pictures"] = len(scenes)
+    bands: dict[str, list[int]] = {}
+    for i, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            j = min(GRID - 1, int(shape.centre[1] // cell)) * GRID + min(GRID - 1, int(shape.centre[0] // cell))
+            band = bands.setdefault(size_band(shape.size), [0, 0])
+            band[0] += bool(right[i, j])
+            band[1] += 1
+    order = [size_band(x) for x in (0, *SIZES)]
+    out["by_size"] = {k: {"right": round(bands[k][0] / bands[k][1], 4), "shapes": bands[k][1]}
+                      for k in order if k in bands}
     return out
 
 
@@ -137,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     for split, s in r["all"].items():
         print(f"{split:6} {s['kind']:7.1%} {s['colour']:7.1%} {s['one_shape_pictures']:17.1%} "
               f"{s['several_shape_pictures']:19.1%}")
+    print("shapes read right (kind and colour) by the side of their frame in pixels:")
+    for split, s in r["all"].items():
+        print(f"{split:6} " + "  ".join(f"{k} {v['right']:.1%} ({v['shapes']})" for k, v in s["by_size"].items()))
     if args.out:
         args.out.write_text(json.dumps(r, indent=1))
     return 0
