@@ -68,6 +68,12 @@ def scene_views(scene: world.Scene) -> list[str]:
     return [scene.caption(), *dict.fromkeys(v for v in views if v != scene.caption())]
 
 
+def cell_index(shape: world.Shape, grid: int) -> int:
+    """The grid cell (row by row) that holds a shape's centre: where `dense_targets` puts what it says of it."""
+    cell = world.IMAGE_SIZE / grid
+    return min(grid - 1, int(shape.centre[1] // cell)) * grid + min(grid - 1, int(shape.centre[0] // cell))
+
+
 def dense_targets(scenes: list[world.Scene], grid: int) -> dict[str, torch.Tensor]:
     """What the vision expert's dense heads learn to read off its last layer, as classes.
 
@@ -82,10 +88,9 @@ def dense_targets(scenes: list[world.Scene], grid: int) -> dict[str, torch.Tenso
          "kind": torch.full((n, cells), -100, dtype=torch.long), "position": torch.full((n, cells), -100, dtype=torch.long),
          "box": torch.full((n, cells, 4), -100, dtype=torch.long),
          "counts": torch.zeros(n, 1 + len(colours) + len(kinds), dtype=torch.long)}
-    cell = world.IMAGE_SIZE / grid
     for i, scene in enumerate(scenes):
         for s in scene.shapes:
-            j = min(grid - 1, int(s.centre[1] // cell)) * grid + min(grid - 1, int(s.centre[0] // cell))
+            j = cell_index(s, grid)
             t["obj"][i, j] = 1
             t["colour"][i, j], t["kind"][i, j] = colours.index(s.colour), kinds.index(s.kind)
             t["position"][i, j] = positions.index(s.position)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .experts import dense_targets
+from .experts import cell_index, dense_targets
 
 STYLES = {"train": world.TRAIN, "wide": world.WIDE, "shift": world.SHIFT}
 GRID = 4  # the cells the shapes' centres are placed in (world.CELL pixels each)
@@ -78,7 +78,6 @@ def score(predict: dict, feats: torch.Tensor, scenes: list[world.Scene]) -> dict
     """Per cell holding a shape's centre: kind and colour read right; per picture: every shape's both right; per
     shape-size band (`by_size`): the shapes of that size read right (both), and how many there were."""
     t = dense_targets(scenes, GRID)
-    cell = world.IMAGE_SIZE / GRID
     here = t["obj"] > 0
     right = torch.ones_like(here)
     out = {}
@@ -96,9 +95,8 @@ def score(predict: dict, feats: torch.Tensor, scenes: list[world.Scene]) -> dict
     bands: dict[str, list[int]] = {}
     for i, scene in enumerate(scenes):
         for shape in scene.shapes:
-            j = min(GRID - 1, int(shape.centre[1] // cell)) * GRID + min(GRID - 1, int(shape.centre[0] // cell))
             band = bands.setdefault(size_band(shape.size), [0, 0])
-            band[0] += bool(right[i, j])
+            band[0] += bool(right[i, cell_index(shape, GRID)])
             band[1] += 1
     order = [size_band(x) for x in (0, *SIZES)]
     out["by_size"] = {k: {"right": round(bands[k][0] / bands[k][1], 4), "shapes": bands[k][1]}
