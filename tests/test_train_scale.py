@@ -20,7 +20,7 @@ from seechat.errors import ConfigError
 from seechat.train.config import DataConfig, TrainConfig, load_config
 from seechat.__main__ import main
 from seechat.train.run import train
-from seechat.train.trainer import BadDataError, checkpoint_backend, complete_checkpoints
+from seechat.train.trainer import SEAL_NAME, BadDataError, checkpoint_backend, complete_checkpoints
 
 PROMPTS = ["详细描述这张图片"]
 
@@ -110,6 +110,27 @@ def test_complete_checkpoints_per_backend(tmp_path):
     assert [checkpoint_backend(tmp_path / f"checkpoint-{n}") for n in (2, 4, 6, 8, 10, 12)] == [
         "ddp", "fsdp", "deepspeed", None, None, None]
     assert [d.name for d in complete_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-4", "checkpoint-2"]
+
+
+def test_a_checkpoint_of_several_ranks_is_complete_only_with_every_ranks_rng_state_whole(tmp_path):
+    torch.save({"cpu": torch.random.get_rng_state()}, tmp_path / "rng.pth")
+    whole = (tmp_path / "rng.pth").read_bytes()
+    common = ("trainer_state.json", "seechat.json", "bridge.safetensors", "optimizer.pt")
+    files = {2: {"seal": 2, "ranks": {0: whole, 1: whole}},           # sealed, both ranks there
+             4: {"seal": 2, "ranks": {0: whole}},                     # sealed, rank 1's file missing
+             6: {"ranks": {0: whole, 1: whole[:len(whole) // 2]}},    # killed before the seal, rank 1 cut short
+             8: {"ranks": {0: whole, 1: whole}},                      # no seal (an older seechat), both whole
+             10: {"ranks": {0: whole, 2: whole}},                     # no seal, rank 1 missing between
+             12: {"seal": "x", "ranks": {0: whole, 1: whole}},        # a seal that does not read
+             14: {"seal": 3, "ranks": {0: whole, 1: whole}}}          # the seal says three ranks
+    for n, spec in files.items():
+        d = tmp_path / f"checkpoint-{n}"
+        _touch(d, *common)
+        for r, data in spec["ranks"].items():
+            (d / f"rng_state_{r}.pth").write_bytes(data)
+        if "seal" in spec:
+            (d / SEAL_NAME).write_text(json.dumps({"world_size": spec["seal"]}) if spec["seal"] != "x" else "{")
+    assert [d.name for d in complete_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-2"]
 
 
 def _align(experts, data, out, **training):

@@ -42,6 +42,7 @@ class SeeChatTrainer(Trainer):
         self.data_guard = DataGuard(self, max_bad_ratio, bad_ratio_after)
         self.add_callback(self.data_guard)
         self.add_callback(LossPlot())
+        self.add_callback(CheckpointSeal())
 
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -223,17 +224,60 @@ def plot_losses(history: list[dict], path: Path, title: str | None = None) -> Pa
     return path
 
 
+SEAL_NAME = "seechat_saved.json"
+"""Written into a checkpoint folder by rank 0 once every rank has saved its part (`CheckpointSeal`)."""
+
+
+class CheckpointSeal(TrainerCallback):
+    """Under several processes the Trainer writes rank 0's trainer_state.json with no barrier before or after
+    the other ranks' own files (rng_state_<rank>.pth), so a run killed just then leaves a folder that looks
+    complete while another rank's file is missing or cut short (resuming from it crashed that rank). Once every
+    rank has saved, rank 0 writes SEAL_NAME with the number of ranks, which `checkpoint_backend` checks."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        torch.distributed.barrier()
+        if args.should_save:
+            d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = d / (SEAL_NAME + ".tmp")
+            tmp.write_text(json.dumps({"world_size": args.world_size, "step": state.global_step}))
+            os.replace(tmp, d / SEAL_NAME)
+
+
+def _ranks_saved(d: Path) -> bool:
+    """Whether every rank's RNG state in checkpoint folder `d` is there and whole: as many as SEAL_NAME says, or,
+    in a folder without it (cut short before it, or saved by a seechat before it), numbered from 0 without a gap
+    (a missing last rank cannot be told there). Whole: the file's zip archive reads back with every CRC right."""
+    import zipfile
+
+    files = {int(m.group(1)): p for p in d.glob("rng_state_*.pth")
+             if (m := re.fullmatch(r"rng_state_(\d+)\.pth", p.name))}
+    seal = d / SEAL_NAME
+    try:
+        ranks = json.loads(seal.read_text())["world_size"] if seal.is_file() else max(files, default=-1) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not set(range(ranks)) <= set(files):
+        return False
+    try:
+        return all(zipfile.ZipFile(files[r]).testzip() is None for r in range(ranks))
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def checkpoint_backend(d: Path) -> str | None:
     """Which backend's complete layout checkpoint folder `d` holds: 'ddp', 'fsdp', 'deepspeed', or None.
 
     The Trainer writes trainer_state.json after the model and the optimizer state, so a folder without it was
-    cut short. The optimizer state's layout differs per backend:
+    cut short; under several processes, every rank's RNG state must be there and whole too (`CheckpointSeal`).
+    The optimizer state's layout differs per backend:
       DDP / one process  optimizer.pt
       FSDP (accelerate)  optimizer.bin (full state dict), optimizer_0/ with its .metadata (sharded, written
                          last by torch.distributed.checkpoint), or optimizer_0_rank*.bin (local state dicts)
       DeepSpeed          `latest` naming a global_step*/ folder holding *optim_states.pt and *model_states.pt
     """
-    if not (d / "trainer_state.json").is_file():
+    if not (d / "trainer_state.json").is_file() or not _ranks_saved(d):
         return None
     latest = d / "latest"
     if latest.is_file():
