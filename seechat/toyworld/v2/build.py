@@ -100,6 +100,9 @@ class Plan:
     candidate's; 5,495 s): dense heads on val kind 98.0% (96.5%), all counts 99%; on shift kind 93.7%, counts
     86%; builds, seeds 0 / 1: val 97.1% / 94.0% (mean 95.5%, the bar), shift 94.0% / 89.7% (84.7% / 83.7%),
     test description 97.5% / 95.0% (96.9% / 94.4%), but several pictures' "which" 92.5% at both (100%)."""
+    clip_wide_degrade: float = 0.5
+    """Share of the vision expert's `world.WIDE` pictures blurred, and (drawn apart) share JPEG-compressed: WIDE's
+    own 0.5 puts blur, JPEG and strong noise together on a picture a quarter as often as 1.0 does."""
     clip_more_steps: int = 0
     """A second stretch of the vision expert's pretraining, after `clip_steps`: its learning rate warmed up again
     to `clip_more_lr` and decayed, a share `clip_more_wide` of its pictures in `world.WIDE`, on pictures of
@@ -514,7 +517,8 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
     probed = {split: (pixels(split, n), _scenes(plan, seed, split))
               for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}  # _scenes gives n_val / n_shift
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
-    scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment, plan.clip_wide)
+    scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment, plan.clip_wide,
+                         wide_style=dataclasses.replace(world.WIDE, degrade=plan.clip_wide_degrade))
     losses, probe = train_clip(out / "clip", scenes, clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
                                batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight,

@@ -150,15 +150,15 @@ class FreshScenes:
     on it."""
 
     def __init__(self, seed: int, processor, multi: float = 0.5, augment: float = 0.0, wide: float = 0.0,
-                 stream: str = "clip"):
+                 stream: str = "clip", wide_style: world.Style = world.WIDE):
         self.rng = random.Random(f"{stream}:{seed}")
         self.jitter = random.Random(f"{stream}-augment:{seed}")  # its own stream: the scenes stay those without it
         self.combos = world.training_combos(seed)
-        self.processor, self.multi, self.augment, self.wide = processor, multi, augment, wide
+        self.processor, self.multi, self.augment, self.wide, self.wide_style = processor, multi, augment, wide, wide_style
 
     def __call__(self, n: int) -> tuple[torch.Tensor, list[world.Scene]]:
         # no draw at all when `wide` is 0, so that the jitter stream (and recipe 4's expert) stays as it was
-        styles = [world.WIDE if self.wide and self.jitter.random() < self.wide else world.TRAIN for _ in range(n)]
+        styles = [self.wide_style if self.wide and self.jitter.random() < self.wide else world.TRAIN for _ in range(n)]
         scenes = [world.any_scene(self.rng, self.combos, self.multi, style) for style in styles]
         images = [s.render() for s in scenes]
         if self.augment:
