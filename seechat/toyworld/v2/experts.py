@@ -141,7 +141,7 @@ class DenseHeads(torch.nn.Module):
 class FreshScenes:
     """Batches of scenes drawn and rendered anew at every call (one-shape scenes and, a share `multi` of
     them, 2-4 shapes; the training colour x shape pairs; the TRAIN style, or a share `wide` of them the wider
-    variety `world.WIDE`) as pixel values.
+    variety `wide_style`, `world.WIDE` or a variant of it) as pixel values.
 
     The vision expert learns from these rather than from the build's fixed training pictures: on those 10,000
     its dense heads were right on every training batch after 6,000 steps while on the validation pictures
