@@ -122,7 +122,8 @@ def test_a_checkpoint_of_several_ranks_is_complete_only_with_every_ranks_rng_sta
              8: {"ranks": {0: whole, 1: whole}},                      # no seal (an older seechat), both whole
              10: {"ranks": {0: whole, 2: whole}},                     # no seal, rank 1 missing between
              12: {"seal": "x", "ranks": {0: whole, 1: whole}},        # a seal that does not read
-             14: {"seal": 3, "ranks": {0: whole, 1: whole}}}          # the seal says three ranks
+             14: {"seal": 3, "ranks": {0: whole, 1: whole}},          # the seal says three ranks
+             16: {"seal": "2", "ranks": {0: whole, 1: whole}}}        # a seal whose number is not one
     for n, spec in files.items():
         d = tmp_path / f"checkpoint-{n}"
         _touch(d, *common)

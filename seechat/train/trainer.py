@@ -258,7 +258,7 @@ def _ranks_saved(d: Path) -> bool:
         ranks = json.loads(seal.read_text())["world_size"] if seal.is_file() else max(files, default=-1) + 1
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not set(range(ranks)) <= set(files):
+    if not isinstance(ranks, int) or not set(range(ranks)) <= set(files):
         return False
     try:
         return all(zipfile.ZipFile(files[r]).testzip() is None for r in range(ranks))
