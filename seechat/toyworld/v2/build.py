@@ -522,7 +522,7 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
               for split, n in (("val", plan.n_val), ("shift", plan.n_shift))}  # _scenes gives n_val / n_shift
     bar = tqdm(total=plan.clip_steps, desc="vision expert (CLIP)", unit="step", leave=False)
     scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment, plan.clip_wide,
-                         wide_style=dataclasses.replace(world.WIDE, degrade=plan.clip_wide_degrade))
+                         wide_style=_wide_style(plan))
     losses, probe = train_clip(out / "clip", scenes, clip_tok,
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_steps,
                                batch=plan.clip_batch, lr=plan.clip_lr, kind_weight=plan.kind_weight,
@@ -535,6 +535,12 @@ def _vision(out: Path, plan: Plan, seed: int, timings) -> None:
         _vision_more(out, plan, seed, probed)
 
 
+def _wide_style(plan: Plan) -> world.Style:
+    """`world.WIDE` as the vision expert's pretraining draws it: blurred and JPEG-compressed as `clip_wide_degrade`
+    says (WIDE itself at its default)."""
+    return dataclasses.replace(world.WIDE, degrade=plan.clip_wide_degrade)
+
+
 def _vision_more(out: Path, plan: Plan, seed: int, probed) -> None:
     """The second stretch of the vision expert's pretraining (`Plan.clip_more_steps`), from OUT/clip into it."""
     from transformers import AutoTokenizer
@@ -543,7 +549,8 @@ def _vision_more(out: Path, plan: Plan, seed: int, probed) -> None:
 
     processor = _clip_processor()
     bar = tqdm(total=plan.clip_more_steps, desc="vision expert (CLIP), more", unit="step", leave=False)
-    scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment, plan.clip_more_wide, stream="clip-more")
+    scenes = FreshScenes(seed, processor, plan.multi_share, plan.clip_augment, plan.clip_more_wide, stream="clip-more",
+                         wide_style=_wide_style(plan))
     losses, probe = train_clip(out / "clip", scenes, AutoTokenizer.from_pretrained(out / "clip"),
                                sizes=ExpertSizes(patch_size=plan.patch_size), steps=plan.clip_more_steps,
                                batch=plan.clip_batch, lr=plan.clip_more_lr, kind_weight=plan.kind_weight,
