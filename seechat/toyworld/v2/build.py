@@ -116,7 +116,10 @@ class Plan:
     97.5% (98.0%), on shift kind 93.0% (93.7%), all counts 89% (86%); builds with the shipped text expert and
     plan, seeds 0 / 1: shift 94.0% / 88.8% (94.0% / 89.7%; mean 91.4%), val 97.4% / 95.2% (97.1% / 94.0%),
     test 96.7% / 95.1% (97.5% / 94.8%), shift description 91.2% / 80.0% (85.0% / 82.5%), test description
-    96.9% / 96.9% (97.5% / 95.0%). The vision expert of this size reads no better for more pretraining."""
+    96.9% / 96.9% (97.5% / 95.0%). The vision expert of this size reads no better for more pretraining. Again
+    (2026-11-29, sixth session): the expert made with `clip_wide_degrade` 1.0, 8,000 steps more at
+    `clip_more_wide` 0.8 (1,939 s): the probe's several-shape shift pictures 80.0% (80.6% before), under the 84%
+    set before any build; not built (docs/toyworld_v2.md)."""
     clip_more_wide: float = 0.5
     clip_more_lr: float = 1.5e-3
     lm_steps: int = 9000
